@@ -1,0 +1,75 @@
+# Flywheel: `make demo` brings the embedded stack up and walks an upload to a served prediction;
+# `make test` runs every test. Both install what they need first (idempotent: seconds when warm).
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+# MinIO's community server ships as source only: built once, cached per pin.
+MINIO_VERSION := v0.0.0-20260212201848-7aac2a2c5b7c
+
+UV := .cache/uv/bin/uv
+PLATFORM := .venv/platform
+ML := .venv/ml
+MINIO_PINNED := .cache/bin/minio-$(MINIO_VERSION)
+FLYWHEEL := $(PLATFORM)/bin/flywheel
+
+.PHONY: install system-packages demo up down status test test-unit test-ml test-e2e bench clean
+
+install: system-packages $(PLATFORM)/.installed $(ML)/.installed .cache/bin/minio
+
+system-packages:
+	@scripts/install-system-packages.sh
+
+$(UV):
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .cache/uv uv==$(UV_VERSION)
+
+# Two environments from two lock files: Airflow's (orchestration, CLI, tests) and the ML one.
+$(PLATFORM)/.installed: locks/platform.txt pyproject.toml | $(UV)
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(PLATFORM)
+	VIRTUAL_ENV=$(PLATFORM) $(UV) pip sync --quiet --compile-bytecode locks/platform.txt
+	VIRTUAL_ENV=$(PLATFORM) $(UV) pip install --quiet --no-deps -e .
+	touch $@
+
+$(ML)/.installed: locks/ml.txt pyproject.toml | $(UV)
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(ML)
+	VIRTUAL_ENV=$(ML) $(UV) pip sync --quiet --compile-bytecode locks/ml.txt
+	VIRTUAL_ENV=$(ML) $(UV) pip install --quiet --no-deps -e .
+	touch $@
+
+$(MINIO_PINNED):
+	@command -v go >/dev/null || { echo "Go is needed to build MinIO (https://go.dev/dl)"; exit 1; }
+	@echo "building MinIO $(MINIO_VERSION) (once; a few minutes)"
+	GOBIN=$(CURDIR)/.cache/gobin CGO_ENABLED=0 go install github.com/minio/minio@$(MINIO_VERSION)
+	mkdir -p .cache/bin && mv .cache/gobin/minio $@
+
+.cache/bin/minio: $(MINIO_PINNED)
+	ln -sf $(notdir $(MINIO_PINNED)) $@
+
+# Lock files: regenerate after changing pyproject.toml's dependencies.
+lock: | $(UV)
+	$(UV) pip compile --quiet pyproject.toml --extra platform --python-version 3.11 -o locks/platform.txt
+	$(UV) pip compile --quiet pyproject.toml --extra ml --python-version 3.11 -o locks/ml.txt
+
+demo: install
+	$(FLYWHEEL) demo
+
+up: install
+	$(FLYWHEEL) up
+
+down:
+	@if [ -x $(FLYWHEEL) ]; then $(FLYWHEEL) down; fi
+
+status:
+	$(FLYWHEEL) status
+
+test: install
+	$(ML)/bin/python -m pytest tests/ml
+	$(PLATFORM)/bin/python -m pytest tests --ignore=tests/ml
+
+test-unit: install
+	$(PLATFORM)/bin/python -m pytest tests/unit
+
+bench: install
+	$(PLATFORM)/bin/python bench/run.py
+
+clean: down
+	rm -rf .flywheel

@@ -1,0 +1,109 @@
+"""Flywheel's DAGs: two per pipeline declared in `pipelines/*.yaml`.
+
+train_<pipeline> runs whenever MinIO reports a new object under `datasets/<pipeline>/` (the events
+bridge turns the bucket notification into an event on the dataset asset). It validates the upload,
+trains and registers a challenger in MLflow, and emits the production-model asset only when the
+challenger is promoted. deploy_<pipeline> runs on that event: it builds a Bento from exactly that
+registered version and rolls it out blue/green behind Nginx, emitting the deployment asset.
+
+Asset view:  s3://datasets/<p>  ->  train_<p>  ->  model://<p>/production  ->  deploy_<p>  ->  deployment://<p>
+
+Parsing stays cheap: only YAML is read here; the work is in `flywheel.tasks`, imported when a task runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+from airflow.sdk import DAG, Asset, task
+
+from flywheel import pipelines
+from flywheel.settings import REPO_ROOT
+
+START = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+# A rejected dataset fails at once (AirflowFailException); retries are for infrastructure hiccups.
+DEFAULT_ARGS = {"retries": 2, "retry_delay": datetime.timedelta(seconds=5)}
+
+
+def train_dag(p: pipelines.Pipeline) -> DAG:
+    dataset = Asset(uri=p.dataset_uri, name=f"{p.name}_dataset")
+    production_model = Asset(uri=p.model_uri, name=f"{p.name}_production_model")
+    with DAG(
+        dag_id=f"train_{p.name}",
+        schedule=[dataset],
+        start_date=START,
+        catchup=False,
+        default_args=DEFAULT_ARGS,
+        max_active_runs=1,  # uploads arriving mid-run fold into the next run, which records them all
+        tags=["flywheel", "train", p.name],
+        doc_md=f"Retrain **{p.name}** ({p.framework}, {p.task}) on every upload to `{p.dataset_uri}/`.",
+    ) as dag:
+
+        @task
+        def validate(*, triggering_asset_events=None) -> dict:
+            from flywheel import tasks
+
+            return tasks.validate(p.name, triggering_asset_events)
+
+        @task
+        def train(validated: dict, *, run_id=None) -> dict:
+            from flywheel import tasks
+
+            return tasks.train(p.name, validated, run_id)
+
+        @task(outlets=[production_model])
+        def publish(trained: dict, *, outlet_events=None, run_id=None) -> dict:
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            from flywheel import tasks
+
+            if not trained["promoted"]:
+                # No production event: nothing downstream is redeployed.
+                raise AirflowSkipException(f"v{trained['version']} not promoted: {trained['reason']}")
+            extra = tasks.production_extra(trained, run_id)
+            outlet_events[production_model].extra = extra
+            return extra
+
+        publish(train(validate()))
+    return dag
+
+
+def deploy_dag(p: pipelines.Pipeline) -> DAG:
+    production_model = Asset(uri=p.model_uri, name=f"{p.name}_production_model")
+    deployment = Asset(uri=p.deployment_uri, name=f"{p.name}_deployment")
+    with DAG(
+        dag_id=f"deploy_{p.name}",
+        schedule=[production_model],
+        start_date=START,
+        catchup=False,
+        default_args=DEFAULT_ARGS,
+        max_active_runs=1,
+        tags=["flywheel", "deploy", p.name],
+        doc_md=f"Build and roll out the production **{p.name}** model behind Nginx (blue/green).",
+    ) as dag:
+
+        @task
+        def build(*, triggering_asset_events=None) -> dict:
+            from flywheel import tasks
+
+            return tasks.build(p.name, tasks.newest_production(triggering_asset_events))
+
+        @task(outlets=[deployment])
+        def rollout(built: dict, *, outlet_events=None) -> dict:
+            from flywheel import tasks
+
+            extra = tasks.rollout(p.name, built)
+            outlet_events[deployment].extra = extra
+            return extra
+
+        rollout(build())
+    return dag
+
+
+_pipelines, _errors = pipelines.load_all(REPO_ROOT / "pipelines")
+for _error in _errors:  # a broken pipeline file is reported and skipped; the others still load
+    logging.getLogger(__name__).error("skipping pipeline: %s", _error)
+for _p in _pipelines:
+    globals()[f"train_{_p.name}"] = train_dag(_p)
+    globals()[f"deploy_{_p.name}"] = deploy_dag(_p)

@@ -1,0 +1,72 @@
+"""A small client for Airflow 3's public REST API (bearer token from the simple auth manager)."""
+
+from __future__ import annotations
+
+import httpx
+
+
+class AirflowUnavailable(RuntimeError):
+    """Airflow could not take the call now; the caller should retry later."""
+
+
+class AirflowAPI:
+    def __init__(self, base_url: str, username: str, password: str, timeout: float = 10.0):
+        self._base = base_url.rstrip("/")
+        self._auth = {"username": username, "password": password}
+        self._client = httpx.Client(base_url=self._base, timeout=timeout)
+        self._token: str | None = None
+
+    def _login(self) -> str:
+        r = self._client.post("/auth/token", json=self._auth)
+        if r.status_code >= 300:
+            raise AirflowUnavailable(f"POST /auth/token answered {r.status_code}: {r.text[:200]}")
+        return r.json()["access_token"]
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            for attempt in range(2):
+                if self._token is None:
+                    self._token = self._login()
+                headers = {"Authorization": f"Bearer {self._token}"}
+                r = self._client.request(method, f"/api/v2{path}", headers=headers, **kwargs)
+                if r.status_code == 401 and attempt == 0:
+                    self._token = None  # expired: log in again once
+                    continue
+                return r
+        except httpx.TransportError as exc:
+            raise AirflowUnavailable(f"Airflow API unreachable at {self._base}: {exc}") from exc
+        return r
+
+    def get(self, path: str, **params) -> dict:
+        r = self.request("GET", path, params=params)
+        if r.status_code >= 300:
+            raise AirflowUnavailable(f"GET {path} answered {r.status_code}: {r.text[:200]}")
+        return r.json()
+
+    def asset_id(self, uri: str) -> int | None:
+        """Airflow's POST /assets/events takes an id, not a URI (apache/airflow#53615)."""
+        for asset in self.get("/assets", uri_pattern=uri, limit=100)["assets"]:
+            if asset["uri"] == uri:
+                return asset["id"]
+        return None
+
+    def create_asset_event(self, asset_id: int, extra: dict) -> dict:
+        r = self.request("POST", "/assets/events", json={"asset_id": asset_id, "extra": extra})
+        if r.status_code >= 300:
+            raise AirflowUnavailable(f"POST /assets/events answered {r.status_code}: {r.text[:200]}")
+        return r.json()
+
+    def asset_events(self, uri: str, limit: int = 100) -> list[dict]:
+        asset_id = self.asset_id(uri)
+        if asset_id is None:
+            return []
+        return self.get("/assets/events", asset_id=asset_id, limit=limit, order_by="-timestamp")["asset_events"]
+
+    def dag_runs(self, dag_id: str, limit: int = 100) -> list[dict]:
+        return self.get(f"/dags/{dag_id}/dagRuns", limit=limit, order_by="-id")["dag_runs"]
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,24 @@
+"""Registry: the production and previous aliases of a registered model in MLflow."""
+
+from __future__ import annotations
+
+PRODUCTION = "production"
+PREVIOUS = "previous"  # the rollback target
+
+
+def current_version(client, name: str, alias: str = PRODUCTION) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
+
+
+def promote(client, name: str, version: str) -> str | None:
+    """Point `production` at `version`; the version it replaces becomes `previous`."""
+    old = current_version(client, name)
+    if old is not None and old != version:
+        client.set_registered_model_alias(name, PREVIOUS, old)
+    client.set_registered_model_alias(name, PRODUCTION, version)
+    return old

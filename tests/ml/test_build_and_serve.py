@@ -1,0 +1,282 @@
+"""Train a tiny iris model into a local MLflow, build its bento, serve it, and probe the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("bentoml")
+pytest.importorskip("mlflow")
+
+PIPELINE = "iris"
+FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+DATASET = {
+    "uri": "s3://datasets/iris",
+    "key": "iris/iris.csv",
+    "etag": "0123456789abcdef0123456789abcdef",
+    "version_id": "v-test-1",
+}
+# (row, species) from the iris data: one of each species, far from the class borders.
+KNOWN = [
+    ([5.1, 3.5, 1.4, 0.2], "setosa"),
+    ([7.0, 3.2, 4.7, 1.4], "versicolor"),
+    ([6.3, 3.3, 6.0, 2.5], "virginica"),
+]
+READY_TIMEOUT_S = 90
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A fresh MLflow (sqlite + local artifacts) holding `iris` v1, tagged as training tags it."""
+    import mlflow
+    import mlflow.xgboost
+    import numpy as np
+    import xgboost as xgb
+    from mlflow.models import infer_signature
+    from sklearn.datasets import load_iris
+
+    root = tmp_path_factory.mktemp("flywheel")
+    env = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "FLYWHEEL_STATE_DIR": str(root / "state"),
+        # One store for the whole module: BentoML reads BENTOML_HOME once per process.
+        "BENTOML_HOME": str(root / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+
+        data = load_iris()
+        classes = [str(name) for name in data.target_names]
+        X = data.data.astype(np.float32)
+        y = data.target
+        booster = xgb.train(
+            {"objective": "multi:softprob", "num_class": len(classes), "max_depth": 3, "eta": 0.3},
+            xgb.DMatrix(X, label=y, feature_names=FEATURES),
+            num_boost_round=10,
+        )
+        experiment = mlflow.create_experiment("iris", artifact_location=(root / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            probabilities = booster.inplace_predict(X[:5])
+            info = mlflow.xgboost.log_model(
+                booster,
+                name="model",
+                signature=infer_signature(X[:5], probabilities),
+                input_example=X[:2],
+                registered_model_name=PIPELINE,
+            )
+        version = str(info.registered_model_version)
+        client = mlflow.MlflowClient()
+        tags = {
+            "flywheel.pipeline": PIPELINE,
+            "flywheel.task": "classification",
+            "flywheel.features": json.dumps(FEATURES),
+            "flywheel.classes": json.dumps(classes),
+            **{f"dataset.{name}": value for name, value in DATASET.items()},
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(PIPELINE, version, key, value)
+        yield {"root": root, "env": env, "version": version}
+
+
+@pytest.fixture(scope="module")
+def built(registry):
+    from flywheel.build import build
+
+    return build(PIPELINE, registry["version"])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(registry, built):
+    port = _free_port()
+    log_path = registry["root"] / "serve.log"
+    env = {**os.environ, **registry["env"]}
+    command = [sys.executable, "-m", "bentoml", "serve", built["bento_tag"], "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("wb") as log:
+        # Its own session, so teardown can stop the server and its worker processes together.
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        started = time.perf_counter()
+        with httpx.Client(base_url=url, timeout=5) as client:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+                if time.perf_counter() - started > READY_TIMEOUT_S:
+                    pytest.fail(f"bentoml serve not ready in {READY_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            print(f"bentoml serve ready in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+            yield {"client": client, "log": log_path, "registry": registry}
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+def _predict(client: httpx.Client, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return client.post("/predict", content=content, headers=headers, **kwargs)
+
+
+# ---- build ----------------------------------------------------------------------------------
+
+
+def test_missing_version_is_a_clear_error(registry):
+    from flywheel.build import BuildError, build
+
+    with pytest.raises(BuildError, match=r"iris v999 is not registered"):
+        build(PIPELINE, "999")
+    with pytest.raises(BuildError, match=r"nosuch v1 is not registered"):
+        build("nosuch", "1")
+
+
+def test_main_reports_error_on_stderr(registry, capsys):
+    from flywheel.build import main
+
+    assert main(["--pipeline", PIPELINE, "--version", "999"]) == 1
+    captured = capsys.readouterr()
+    assert "iris v999" in captured.err
+    assert captured.out == ""
+
+
+def test_build_result_and_build_folder(registry, built):
+    version = registry["version"]
+    assert built["pipeline"] == PIPELINE
+    assert built["version"] == version
+    assert built["model_tag"] == f"iris:v{version}"
+    assert built["bento_tag"] == f"flywheel-iris:v{version}"
+    assert built["build_seconds"] > 0
+
+    folder = registry["root"] / "state" / "bento-builds" / f"iris-v{version}"
+    spec = json.loads((folder / "flywheel_model.json").read_text())
+    assert spec["model_tag"] == built["model_tag"]
+    assert spec["features"] == FEATURES
+    assert spec["classes"] == ["setosa", "versicolor", "virginica"]
+    assert spec["dataset"] == DATASET
+
+    import bentoml
+
+    bento = bentoml.bentos.get(built["bento_tag"])
+    assert [str(m.tag) for m in bento.info.all_models] == [built["model_tag"]]
+    assert bentoml.models.get(built["model_tag"]).info.metadata["dataset"]["etag"] == DATASET["etag"]
+
+
+def test_rebuild_reuses_bento(registry, built, capsys):
+    from flywheel.build import main
+
+    assert main(["--pipeline", PIPELINE, "--version", registry["version"]]) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    again = json.loads(last_line)
+    assert {k: v for k, v in again.items() if k != "build_seconds"} == {
+        k: v for k, v in built.items() if k != "build_seconds"
+    }
+
+
+# ---- serve ----------------------------------------------------------------------------------
+
+
+def test_predicts_known_rows(server):
+    version = server["registry"]["version"]
+    response = _predict(
+        server["client"], {"inputs": [row for row, _ in KNOWN]}, headers={"X-Request-Id": "test-req-42"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "predictions": [species for _, species in KNOWN],
+        "model": {"pipeline": PIPELINE, "name": PIPELINE, "version": version},
+        "dataset": DATASET,
+    }
+    assert response.headers["X-Model-Version"] == version
+    assert response.headers["X-Model-Name"] == PIPELINE
+    assert response.headers["X-Dataset-Version"] == DATASET["etag"]
+    assert response.headers["X-Request-Id"] == "test-req-42"
+    # The request id reaches the server log, to join Nginx's access log with BentoML's.
+    deadline = time.monotonic() + 5
+    while "request_id=test-req-42" not in server["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "request_id=test-req-42" in server["log"].read_text()
+
+
+def test_generates_request_id(server):
+    response = _predict(server["client"], {"inputs": [[5.1, 3.5, 1.4, 0.2]]})
+    assert response.status_code == 200
+    assert len(response.headers["X-Request-Id"]) == 32
+
+
+def test_integers_and_dict_rows(server):
+    rows = [dict(zip(FEATURES, row)) for row, _ in KNOWN]
+    rows[0] = dict(reversed(list(rows[0].items())))  # key order does not matter
+    response = _predict(server["client"], {"inputs": [*rows, [6, 3, 5, 2]]})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][:3] == [species for _, species in KNOWN]
+
+
+BAD_INPUTS = {
+    "short row": ({"inputs": [[5.1, 3.5, 1.4]]}, "at least 4"),
+    "long row": ({"inputs": [[5.1, 3.5, 1.4, 0.2, 9.9]]}, "at most 4"),
+    "string value": ({"inputs": [[5.1, "3.5", 1.4, 0.2]]}, "valid number"),
+    "boolean value": ({"inputs": [[5.1, True, 1.4, 0.2]]}, "valid number"),
+    "nan": ('{"inputs": [[5.1, NaN, 1.4, 0.2]]}', "finite number"),
+    "empty list": ({"inputs": []}, "at least 1"),
+    "null inputs": ({"inputs": None}, "valid array"),
+    "null row": ({"inputs": [None]}, "each row must be"),
+    "flat list": ({"inputs": [5.1, 3.5, 1.4, 0.2]}, "each row must be"),
+    "missing column": (
+        {"inputs": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4}]},
+        "missing columns ['petal_width']",
+    ),
+    "extra column": (
+        {"inputs": [{**dict(zip(FEATURES, KNOWN[0][0])), "colour": 1.0}]},
+        "unexpected columns ['colour']",
+    ),
+    "too many rows": ({"inputs": [KNOWN[0][0]] * 1001}, "at most 1000"),
+    "no inputs field": ({"rows": [KNOWN[0][0]]}, "inputs"),
+    "invalid json": ('{"inputs": [[5.1, 3.5,', "Invalid JSON"),
+    "empty body": ("", "inputs"),
+}
+
+
+@pytest.mark.parametrize("body,reason", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_a_4xx_with_reason(server, body, reason):
+    response = _predict(server["client"], body)
+    assert response.status_code in (400, 422), response.text
+    assert reason in json.dumps(response.json()), response.text
+
+
+def test_still_serving_after_bad_inputs(server):
+    response = _predict(server["client"], {"inputs": [KNOWN[2][0]]})
+    assert response.status_code == 200
+    assert response.json()["predictions"] == ["virginica"]
