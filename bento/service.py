@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 import bentoml
 import numpy as np
@@ -52,10 +52,8 @@ def _row_kind(row: Any) -> str | None:
 class Row(
     RootModel[
         Annotated[
-            Union[
-                Annotated[list[Value], Field(min_length=len(FEATURES), max_length=len(FEATURES)), Tag("list")],
-                Annotated[dict[str, Value], AfterValidator(_ordered), Tag("object")],
-            ],
+            Annotated[list[Value], Field(min_length=len(FEATURES), max_length=len(FEATURES)), Tag("list")]
+            | Annotated[dict[str, Value], AfterValidator(_ordered), Tag("object")],
             Discriminator(
                 _row_kind,
                 custom_error_type="row_type",

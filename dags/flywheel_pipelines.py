@@ -6,7 +6,7 @@ trains and registers a challenger in MLflow, and emits the production-model asse
 challenger is promoted. deploy_<pipeline> runs on that event: it builds a Bento from exactly that
 registered version and rolls it out blue/green behind Nginx, emitting the deployment asset.
 
-Asset view:  s3://datasets/<p>  ->  train_<p>  ->  model://<p>/production  ->  deploy_<p>  ->  deployment://<p>
+Asset view:  s3://datasets/<p>  ->  train_<p>  ->  model://<p>/production  ->  deploy_<p>  ->  deployment://<p>/production
 
 Parsing stays cheap: only YAML is read here; the work is in `flywheel.tasks`, imported when a task runs.
 """

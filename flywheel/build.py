@@ -56,6 +56,8 @@ def _read_spec(pipeline: str, version: str) -> dict[str, Any]:
     missing = [name for name in required if not tags.get(name)]
     if missing:
         raise BuildError(f"model version {pipeline} v{version} lacks the tags {missing}")
+    if tags["flywheel.task"] not in ("classification", "regression"):
+        raise BuildError(f"model version {pipeline} v{version} has unknown task {tags['flywheel.task']!r}")
     try:
         features = json.loads(tags["flywheel.features"])
         classes = json.loads(tags.get("flywheel.classes") or "[]")
@@ -85,7 +87,9 @@ def _check_booster(booster: Any, spec: dict[str, Any]) -> None:
     num_class = int(learner["learner_model_param"].get("num_class", "0"))
     expected = 2 if objective.startswith("binary:") else num_class
     if expected != len(spec["classes"]):
-        raise BuildError(f"{where}: objective {objective} predicts {expected} classes but the tag lists {spec['classes']}")
+        raise BuildError(
+            f"{where}: objective {objective} predicts {expected} classes but the tag lists {spec['classes']}"
+        )
 
 
 def _in_store(get: Any, tag: str) -> Any:
@@ -176,6 +180,9 @@ def build(pipeline_name: str, version: str) -> dict[str, Any]:
     """Build (or reuse) bento `flywheel-<pipeline>:v<version>` serving MLflow model <pipeline> v<version>."""
     started = time.perf_counter()
     version = str(version).strip()
+    if not pipeline_name.isidentifier() or pipeline_name != pipeline_name.lower():
+        # It names a folder and BentoML tags; pipeline files enforce the same rule.
+        raise BuildError(f"pipeline name must be a lower-case identifier, got {pipeline_name!r} (version {version})")
     if not version.isdigit():
         raise BuildError(f"model version for {pipeline_name} must be a number, got {version!r}")
     settings = Settings.load()

@@ -44,7 +44,7 @@ class Pipeline:
 
     @property
     def deployment_uri(self) -> str:
-        return f"deployment://{self.name}"
+        return f"deployment://{self.name}/production"
 
     @property
     def model_name(self) -> str:

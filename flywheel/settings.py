@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,8 @@ class Ports:
     nginx_exporter: int = 9113
     prometheus: int = 9090
     bridge: int = 8090
-    supervisor: int = 9005
+    airflow_worker_logs: int = 8793
+    airflow_trigger_logs: int = 8794
     bento_base: int = 3100  # each pipeline gets two ports from here: blue and green
 
 
@@ -168,10 +169,14 @@ class Settings:
     def bento_port(self, pipeline_index: int, colour: str) -> int:
         return self.ports.bento_base + 2 * pipeline_index + (0 if colour == "blue" else 1)
 
+    def port_env(self) -> dict[str, str]:
+        return {f"FLYWHEEL_{name.upper()}_PORT": str(port) for name, port in asdict(self.ports).items()}
+
     def client_env(self) -> dict[str, str]:
         """What a training or serving process needs to reach MinIO and MLflow."""
         user, password = self.secrets["MINIO_ROOT_USER"], self.secrets["MINIO_ROOT_PASSWORD"]
         return {
+            **self.port_env(),
             "FLYWHEEL_REPO": str(self.repo),
             "FLYWHEEL_STATE_DIR": str(self.state),
             "MLFLOW_TRACKING_URI": self.mlflow_url,

@@ -70,6 +70,8 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(s.logs / "airflow"),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(s.ports.airflow_worker_logs),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(s.ports.airflow_trigger_logs),
     }
 
 

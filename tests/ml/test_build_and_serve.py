@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -40,6 +39,7 @@ def registry(tmp_path_factory):
     import mlflow
     import mlflow.xgboost
     import numpy as np
+    import pandas as pd
     import xgboost as xgb
     from mlflow.models import infer_signature
     from sklearn.datasets import load_iris
@@ -60,11 +60,10 @@ def registry(tmp_path_factory):
 
         data = load_iris()
         classes = [str(name) for name in data.target_names]
-        X = data.data.astype(np.float32)
-        y = data.target
+        X = pd.DataFrame(data.data.astype(np.float32), columns=FEATURES)
         booster = xgb.train(
             {"objective": "multi:softprob", "num_class": len(classes), "max_depth": 3, "eta": 0.3},
-            xgb.DMatrix(X, label=y, feature_names=FEATURES),
+            xgb.DMatrix(X, label=data.target),
             num_boost_round=10,
         )
         experiment = mlflow.create_experiment("iris", artifact_location=(root / "artifacts").as_uri())
@@ -161,6 +160,10 @@ def test_missing_version_is_a_clear_error(registry):
         build(PIPELINE, "999")
     with pytest.raises(BuildError, match=r"nosuch v1 is not registered"):
         build("nosuch", "1")
+    with pytest.raises(BuildError, match=r"must be a number"):
+        build(PIPELINE, "latest")
+    with pytest.raises(BuildError, match=r"lower-case identifier"):
+        build("../iris", "1")
 
 
 def test_main_reports_error_on_stderr(registry, capsys):
@@ -230,14 +233,17 @@ def test_predicts_known_rows(server):
     assert "request_id=test-req-42" in server["log"].read_text()
 
 
-def test_generates_request_id(server):
-    response = _predict(server["client"], {"inputs": [[5.1, 3.5, 1.4, 0.2]]})
+@pytest.mark.parametrize("incoming", [None, "spaces are not echoed", "x" * 200])
+def test_generates_request_id(server, incoming):
+    headers = {} if incoming is None else {"X-Request-Id": incoming}
+    response = _predict(server["client"], {"inputs": [[5.1, 3.5, 1.4, 0.2]]}, headers=headers)
     assert response.status_code == 200
     assert len(response.headers["X-Request-Id"]) == 32
+    assert response.headers["X-Request-Id"] != incoming
 
 
 def test_integers_and_dict_rows(server):
-    rows = [dict(zip(FEATURES, row)) for row, _ in KNOWN]
+    rows = [dict(zip(FEATURES, row, strict=True)) for row, _ in KNOWN]
     rows[0] = dict(reversed(list(rows[0].items())))  # key order does not matter
     response = _predict(server["client"], {"inputs": [*rows, [6, 3, 5, 2]]})
     assert response.status_code == 200, response.text
@@ -259,7 +265,7 @@ BAD_INPUTS = {
         "missing columns ['petal_width']",
     ),
     "extra column": (
-        {"inputs": [{**dict(zip(FEATURES, KNOWN[0][0])), "colour": 1.0}]},
+        {"inputs": [{**dict(zip(FEATURES, KNOWN[0][0], strict=True)), "colour": 1.0}]},
         "unexpected columns ['colour']",
     ),
     "too many rows": ({"inputs": [KNOWN[0][0]] * 1001}, "at most 1000"),

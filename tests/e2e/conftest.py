@@ -1,0 +1,59 @@
+"""The real embedded stack for end-to-end tests: its own state folder and ports, torn down after."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from flywheel import stack
+from flywheel.settings import Ports, Settings
+
+PORT_OFFSET = 10000  # beside a developer's own stack on the default ports
+
+
+def processes_of(state: Path) -> list[str]:
+    """Every live process started for this state folder (found through its environment)."""
+    marker = f"FLYWHEEL_STATE_DIR={state}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes().replace(b'\0', b' ').decode()[:120]}")
+        except OSError:
+            continue
+    return found
+
+
+def print_logs(settings: Settings, lines: int = 40) -> None:
+    for log in sorted(settings.logs.rglob("*.log")):
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        print(f"\n===== {log.relative_to(settings.logs)} (last {len(text)} lines) =====")
+        print("\n".join(line[:400] for line in text))
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory, request):
+    state = tmp_path_factory.mktemp("stack")
+    env = {"FLYWHEEL_STATE_DIR": str(state)}
+    env.update({f"FLYWHEEL_{name.upper()}_PORT": str(port + PORT_OFFSET) for name, port in vars(Ports()).items()})
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        settings = Settings.load(create_secrets=True)
+        failed_before = request.session.testsfailed
+        started = time.monotonic()
+        try:
+            stack.up(settings, progress=print, timeout=300)
+            print(f"stack up in {time.monotonic() - started:.1f}s")
+            yield settings
+        finally:
+            if request.session.testsfailed > failed_before:
+                print_logs(settings)
+            stack.down(settings)
+            leftovers = processes_of(state)
+            assert leftovers == [], f"processes left behind after down: {leftovers}"

@@ -1,0 +1,69 @@
+"""MinIO notification -> dataset asset event mapping."""
+
+from flywheel import events
+
+
+def notification(key: str, name: str = "s3:ObjectCreated:Put", **obj) -> dict:
+    return {
+        "EventName": name,
+        "Key": f"datasets/{key}",
+        "Records": [
+            {
+                "eventName": name,
+                "eventTime": "2026-11-23T06:33:09.051Z",
+                "s3": {
+                    "bucket": {"name": "datasets"},
+                    "object": {"key": key, "size": 3858, "eTag": "abc123", "versionId": "v-1", **obj},
+                },
+            }
+        ],
+    }
+
+
+def test_object_created_maps_to_its_pipeline_asset():
+    [event] = events.from_notification(notification("iris/2026/iris.csv"))
+    assert event.pipeline == "iris"
+    assert event.asset_uri == "s3://datasets/iris"
+    assert event.extra() == {
+        "pipeline": "iris",
+        "bucket": "datasets",
+        "key": "iris/2026/iris.csv",
+        "etag": "abc123",
+        "version_id": "v-1",
+        "size": 3858,
+        "event_time": "2026-11-23T06:33:09.051Z",
+        "event_name": "s3:ObjectCreated:Put",
+    }
+
+
+def test_url_encoded_keys_are_decoded():
+    [event] = events.from_notification(notification("iris/my+data%281%29.csv"))
+    assert event.key == "iris/my data(1).csv"
+
+
+def test_records_without_a_dataset_are_dropped():
+    assert events.from_notification(notification("root.csv")) == []
+    assert events.from_notification(notification("iris/")) == []
+    assert events.from_notification(notification("iris/x.csv", name="s3:ObjectRemoved:Delete")) == []
+    assert events.from_notification({}) == []
+
+
+def test_unversioned_object_has_empty_version_id():
+    [event] = events.from_notification(notification("iris/x.csv", versionId=None))
+    assert event.version_id == ""
+
+
+def test_newest_picks_the_latest_upload_of_a_folded_run():
+    extras = [
+        {"key": "iris/a.csv", "event_time": "2026-11-23T06:00:00Z"},
+        {"key": "iris/c.csv", "event_time": "2026-11-23T06:02:00Z"},
+        {"key": "iris/b.csv", "event_time": "2026-11-23T06:01:00Z"},
+    ]
+    assert events.newest(extras)["key"] == "iris/c.csv"
+
+
+def test_newest_of_nothing_is_an_error():
+    import pytest
+
+    with pytest.raises(ValueError):
+        events.newest([])
