@@ -105,8 +105,6 @@ def _in_store(get: Any, tag: str) -> Any:
 def _ensure_model(spec: dict[str, Any]) -> None:
     """Copy the booster from MLflow into the BentoML model store, once per tag."""
     import bentoml
-    import mlflow.xgboost
-    import xgboost
     from bentoml.exceptions import BentoMLException
 
     tag, where = spec["model_tag"], f"model version {spec['pipeline']} v{spec['version']}"
@@ -120,6 +118,10 @@ def _ensure_model(spec: dict[str, Any]) -> None:
         if _in_store(bentoml.bentos.get, bento_tag(spec["pipeline"], spec["version"])) is not None:
             bentoml.bentos.delete(bento_tag(spec["pipeline"], spec["version"]))
         bentoml.models.delete(tag)
+    # Imported only now: xgboost (and the sklearn it pulls in) costs seconds a reused build skips.
+    import mlflow.xgboost
+    import xgboost
+
     try:
         booster = mlflow.xgboost.load_model(f"models:/{spec['pipeline']}/{spec['version']}")
     except Exception as exc:

@@ -23,7 +23,8 @@ def processes_of(state: Path) -> list[str]:
             continue
         try:
             if marker in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes().replace(b'\0', b' ').decode()[:120]}")
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{proc.name}: {command[:120]}")
         except OSError:
             continue
     return found

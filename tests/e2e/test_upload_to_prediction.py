@@ -161,7 +161,21 @@ def test_a_new_upload_retrains_and_the_answer_names_the_new_version(stack_settin
     assert body["dataset"]["etag"] == uploads[-1]["etag"]
 
 
+def settled_runs(api, dag_id: str, timeout: float = 180) -> list[dict]:
+    """The DAG's runs once none is queued or running (the served answer can precede the run's end)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = api.dag_runs(dag_id)
+        if all(r["state"] in ("success", "failed") for r in runs):
+            return runs
+        time.sleep(2)
+    raise AssertionError(f"{dag_id} still has unfinished runs after {timeout}s")
+
+
 def test_airflow_records_the_lineage(stack_settings, api, uploads):
+    deploy_runs = settled_runs(api, f"deploy_{PIPELINE}")
+    assert {r["state"] for r in deploy_runs} == {"success"}
+    assert len(deploy_runs) >= 2
     dataset_events = api.asset_events(f"s3://datasets/{PIPELINE}")
     keys = {e["extra"].get("key") for e in dataset_events}
     assert {u["key"] for u in uploads} <= keys
@@ -173,5 +187,4 @@ def test_airflow_records_the_lineage(stack_settings, api, uploads):
     assert {"model_name", "version", "run_id", "dataset"} <= set(production[0]["extra"])
     deployments = api.asset_events(f"deployment://{PIPELINE}/production")
     assert len(deployments) >= 2
-    runs = {r["state"] for r in api.dag_runs(f"deploy_{PIPELINE}")}
-    assert runs == {"success"}
+    assert deployments[0]["extra"]["version"] == production[0]["extra"]["version"]

@@ -1,0 +1,63 @@
+"""Benchmark: upload -> new version answering /predict, on the running embedded stack.
+
+Run `make up` first, then `.venv/platform/bin/python bench/upload_to_serving.py [--runs 3]`.
+Prints each run's seconds, the median, and the running stack's memory (PSS, shared pages counted once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from flywheel import cli
+from flywheel.settings import Settings
+
+ROW = [5.1, 3.5, 1.4, 0.2]
+
+
+def stack_memory_mib(settings: Settings) -> tuple[float, int]:
+    """Total PSS of every process started for this state folder, and how many there are."""
+    marker = f"FLYWHEEL_STATE_DIR={settings.state}".encode()
+    total_kib, count = 0, 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            for line in (proc / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kib += int(line.split()[1])
+                    count += 1
+        except OSError:
+            continue
+    return total_kib / 1024, count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    settings = Settings.load()
+    sample = settings.state / "samples" / "bench-iris.csv"
+    times = []
+    for i in range(args.runs):
+        cli.make_sample(settings, "iris", sample, seed=1000 + i)
+        before = cli.served_version(settings, "iris", ROW)
+        started = time.monotonic()
+        cli.upload(settings, sample, "iris", f"bench-{int(time.time())}-{i}.csv")
+        version = cli.wait_for_new_version(settings, "iris", ROW, before, progress=lambda _: None)
+        times.append(time.monotonic() - started)
+        print(f"run {i + 1}: v{before} -> v{version} in {times[-1]:.1f}s", flush=True)
+    memory, processes = stack_memory_mib(settings)
+    print(json.dumps({"upload_to_serving_s": [round(t, 1) for t in times],
+                      "median_s": round(statistics.median(times), 1),
+                      "stack_pss_mib": round(memory), "processes": processes}))
+
+
+if __name__ == "__main__":
+    main()
