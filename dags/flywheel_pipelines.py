@@ -41,10 +41,10 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
     ) as dag:
 
         @task
-        def validate(*, triggering_asset_events=None) -> dict:
+        def validate(*, triggering_asset_events=None, run_id=None) -> dict:
             from flywheel import tasks
 
-            return tasks.validate(p.name, triggering_asset_events)
+            return tasks.validate(p.name, triggering_asset_events, run_id)
 
         @task
         def train(validated: dict, *, run_id=None) -> dict:

@@ -53,9 +53,47 @@ def fetch(settings: Settings, ref: DatasetRef) -> bytes:
         response.release_conn()
 
 
-def read_table(raw: bytes, fmt: str):
-    import pandas as pd
+def size_of(settings: Settings, ref: DatasetRef) -> int:
+    return minio_client(settings).stat_object(ref.bucket, ref.key, version_id=ref.version_id or None).size
 
-    if fmt == "csv":
-        return pd.read_csv(io.BytesIO(raw))
-    raise ValueError(f"unsupported format {fmt!r}")
+
+def idx_parts(settings: Settings, marker: DatasetRef) -> dict[str, DatasetRef]:
+    """The images and labels objects of an IDX set, found beside its `_SUCCESS` marker.
+
+    The marker is uploaded last. If it holds JSON ({"images": etag, "labels": etag}), the parts
+    must have exactly those etags, so a set re-uploaded half-way is never paired with a stale half.
+    """
+    import json
+
+    from flywheel.errors import DatasetInvalid
+    from flywheel.pipelines import IDX_PARTS
+
+    folder = marker.key.rsplit("/", 1)[0] + "/"
+    client = minio_client(settings)
+    found: dict[str, list] = {name: [] for name in IDX_PARTS}
+    for obj in client.list_objects(marker.bucket, prefix=folder):
+        base = obj.object_name.rsplit("/", 1)[-1]
+        for name in IDX_PARTS:
+            if name in base.lower():
+                found[name].append(obj)
+    where = f"{marker.describe()}"
+    for name, objs in found.items():
+        if len(objs) != 1:
+            raise DatasetInvalid(f"{where}: the set {folder} needs exactly one object named *{name}*, "
+                                 f"found {len(objs)} (rule: consistent pair)")
+    manifest_raw = fetch(settings, marker).strip()
+    manifest = {}
+    if manifest_raw:
+        try:
+            manifest = json.loads(manifest_raw)
+        except ValueError as exc:
+            raise DatasetInvalid(f"{where}: the marker is neither empty nor JSON (rule: consistent pair)") from exc
+    parts = {}
+    for name, [obj] in found.items():
+        etag = (obj.etag or "").strip('"')
+        if manifest.get(name) and manifest[name].strip('"') != etag:
+            raise DatasetInvalid(f"{where}: {obj.object_name} has etag {etag}, the marker expects "
+                                 f"{manifest[name]} (rule: consistent pair)")
+        stat = client.stat_object(marker.bucket, obj.object_name)
+        parts[name] = DatasetRef(marker.bucket, obj.object_name, etag, stat.version_id or "")
+    return parts

@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
-FORMATS = ("csv",)
+TABLE_FORMATS = ("csv", "parquet")
+IMAGE_FORMATS = ("npz", "idx")
+FORMATS = TABLE_FORMATS + IMAGE_FORMATS
 TASKS = ("classification", "regression")
-FRAMEWORKS = ("xgboost",)
+FRAMEWORKS = ("xgboost", "tensorflow")
+# Higher is better unless listed here: the gate needs to know which way "beats" points.
+LOWER_IS_BETTER = ("rmse", "mae")
+METRICS = {"classification": ("accuracy",), "regression": ("rmse", "mae", "r2")}
+# A multi-object dataset (IDX images + labels) is complete when this marker lands in its folder.
+READY_MARKER = "_SUCCESS"
+IDX_PARTS = ("images", "labels")
 
 
 class PipelineError(ValueError):
     """A pipeline file with a mistake; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Rules every upload must pass before training."""
+
+    min_rows: int = 20
+    max_bytes: int = 200 * 1024 * 1024
+    max_missing_rate: float = 0.0
+    min_class_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -23,14 +41,20 @@ class Pipeline:
     dataset_prefix: str
     format: str
     task: str
-    target: str
-    features: tuple[str, ...]
     framework: str
     metric: str
+    target: str = ""
+    features: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()  # declared label values; empty: any (at least two)
+    image_shape: tuple[int, int] = ()
+    max_value: float = 255.0
     params: dict[str, Any] = field(default_factory=dict)
-    floor: float = 0.0
+    floor: float | None = None
+    margin: float = 0.0
     holdout_fraction: float = 0.25
+    holdout_object: str = ""  # a fixed holdout the user uploads; empty: a seeded split
     seed: int = 42
+    validation: Validation = Validation()
     source: str = ""
 
     # Asset URIs: the names the Airflow Asset view shows.
@@ -51,13 +75,35 @@ class Pipeline:
         """The registered model's name in MLflow."""
         return self.name
 
+    @property
+    def is_image(self) -> bool:
+        return self.format in IMAGE_FORMATS
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric not in LOWER_IS_BETTER
+
+    def triggers(self, key: str) -> bool:
+        """Whether an uploaded object starts a training run.
+
+        Single-object formats train on every upload. An IDX set is several objects, so only its
+        completion marker (`<set>/_SUCCESS`, uploaded last) starts a run; the parts alone do not.
+        """
+        path = PurePosixPath(key)
+        if self.holdout_object and key == self.holdout_object:
+            return False  # the fixed holdout is evaluation data, not a new dataset
+        if self.format == "idx":
+            return path.name == READY_MARKER
+        return path.name != READY_MARKER and not path.name.startswith(".")
+
 
 def _require(data: dict, key: str, source: str, kind: type | tuple = str) -> Any:
     if key not in data:
         raise PipelineError(f"{source}: missing required field '{key}'")
     value = data[key]
     if not isinstance(value, kind):
-        raise PipelineError(f"{source}: field '{key}' must be {getattr(kind, '__name__', kind)}, got {value!r}")
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise PipelineError(f"{source}: field '{key}' must be {names}, got {value!r}")
     return value
 
 
@@ -68,34 +114,95 @@ def _choice(data: dict, key: str, choices: tuple[str, ...], source: str) -> str:
     return value
 
 
+def _number(data: dict, key: str, source: str, default, low=None, high=None, where: str = ""):
+    value = data.get(key, default)
+    name = f"{where}{key}"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PipelineError(f"{source}: field '{name}' must be a number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise PipelineError(f"{source}: field '{name}' must be between {low} and {high}, got {value}")
+    return value
+
+
+def _section(data: dict, key: str, source: str) -> dict:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise PipelineError(f"{source}: field '{key}' must be a mapping, got {value!r}")
+    return value
+
+
 def parse(data: Any, source: str) -> Pipeline:
     if not isinstance(data, dict):
         raise PipelineError(f"{source}: expected a mapping at the top level")
+    known = {"name", "dataset_prefix", "format", "task", "framework", "metric", "target", "features", "classes",
+             "image", "params", "gate", "holdout", "validation"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PipelineError(f"{source}: unknown field(s) {', '.join(unknown)}")
     name = _require(data, "name", source)
     if not name.isidentifier() or name != name.lower():
         raise PipelineError(f"{source}: field 'name' must be a lower-case identifier, got {name!r}")
-    features = _require(data, "features", source, list)
-    if not features or not all(isinstance(f, str) for f in features):
-        raise PipelineError(f"{source}: field 'features' must be a non-empty list of column names")
-    gate = data.get("gate") or {}
-    holdout = data.get("holdout") or {}
-    fraction = float(holdout.get("fraction", 0.25))
-    if not 0 < fraction < 1:
-        raise PipelineError(f"{source}: field 'holdout.fraction' must be between 0 and 1, got {fraction}")
+    fmt = _choice(data, "format", FORMATS, source)
+    task = _choice(data, "task", TASKS, source)
+    framework = _choice(data, "framework", FRAMEWORKS, source)
+    metric = _choice(data, "metric", METRICS[task], source)
+    fields: dict[str, Any] = {}
+    if fmt in TABLE_FORMATS:
+        fields["target"] = _require(data, "target", source)
+        features = _require(data, "features", source, list)
+        if not features or not all(isinstance(f, str) for f in features) or len(set(features)) != len(features):
+            raise PipelineError(f"{source}: field 'features' must be a non-empty list of distinct column names")
+        if fields["target"] in features:
+            raise PipelineError(f"{source}: field 'target' {fields['target']!r} is also listed in 'features'")
+        fields["features"] = tuple(features)
+    else:
+        image = _section(data, "image", source)
+        shape = image.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+            raise PipelineError(f"{source}: field 'image.shape' must be [height, width], got {shape!r}")
+        fields["image_shape"] = tuple(shape)
+        fields["max_value"] = float(_number(image, "max_value", source, 255.0, 1, None, "image."))
+        if task != "classification":
+            raise PipelineError(f"{source}: field 'task' must be classification for image formats")
+    if framework == "tensorflow" and fmt not in IMAGE_FORMATS:
+        raise PipelineError(f"{source}: framework 'tensorflow' trains image formats ({', '.join(IMAGE_FORMATS)})")
+    if framework == "xgboost" and fmt not in TABLE_FORMATS:
+        raise PipelineError(f"{source}: framework 'xgboost' trains table formats ({', '.join(TABLE_FORMATS)})")
+    classes = data.get("classes") or []
+    if not isinstance(classes, list):
+        raise PipelineError(f"{source}: field 'classes' must be a list of label values")
+    gate = _section(data, "gate", source)
+    holdout = _section(data, "holdout", source)
+    rules = _section(data, "validation", source)
+    holdout_object = holdout.get("object", "")
+    prefix = data.get("dataset_prefix", f"{name}/")
+    if holdout_object and not str(holdout_object).startswith(prefix):
+        raise PipelineError(f"{source}: field 'holdout.object' must be a key under {prefix}")
+    params = _section(data, "params", source)
     return Pipeline(
         name=name,
-        dataset_prefix=data.get("dataset_prefix", f"{name}/"),
-        format=_choice(data, "format", FORMATS, source),
-        task=_choice(data, "task", TASKS, source),
-        target=_require(data, "target", source),
-        features=tuple(features),
-        framework=_choice(data, "framework", FRAMEWORKS, source),
-        metric=_require(data, "metric", source),
-        params=dict(data.get("params") or {}),
-        floor=float(gate.get("floor", 0.0)),
-        holdout_fraction=fraction,
-        seed=int(holdout.get("seed", 42)),
+        dataset_prefix=prefix,
+        format=fmt,
+        task=task,
+        framework=framework,
+        metric=metric,
+        classes=tuple(str(c) for c in classes),
+        params=dict(params),
+        floor=_number(gate, "floor", source, None, where="gate."),
+        margin=float(_number(gate, "margin", source, 0.0, 0, None, "gate.")),
+        holdout_fraction=float(_number(holdout, "fraction", source, 0.25, 0.01, 0.9, "holdout.")),
+        holdout_object=str(holdout_object),
+        seed=int(_number(holdout, "seed", source, 42, 0, None, "holdout.")),
+        validation=Validation(
+            min_rows=int(_number(rules, "min_rows", source, Validation.min_rows, 2, None, "validation.")),
+            max_bytes=int(_number(rules, "max_bytes", source, Validation.max_bytes, 1, None, "validation.")),
+            max_missing_rate=float(_number(rules, "max_missing_rate", source, 0.0, 0, 1, "validation.")),
+            min_class_fraction=float(_number(rules, "min_class_fraction", source, 0.0, 0, 0.5, "validation.")),
+        ),
         source=source,
+        **fields,
     )
 
 

@@ -7,33 +7,77 @@ import sys
 from pathlib import Path
 
 IRIS_COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+DIABETES_COLUMNS = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
 
 
-def iris(shuffle_seed: int | None = None):
-    """Iris as a table with named columns and species names as labels."""
+def _shuffled(table, seed):
+    return table if seed is None else table.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def iris(seed: int | None = None):
+    """Iris with named columns and species names as labels."""
     from sklearn.datasets import load_iris
 
     bunch = load_iris(as_frame=True)
     table = bunch.frame.rename(columns=dict(zip(bunch.feature_names, IRIS_COLUMNS)))
     table["species"] = [bunch.target_names[i] for i in bunch.target]
-    table = table.drop(columns=["target"])
-    if shuffle_seed is not None:
-        table = table.sample(frac=1.0, random_state=shuffle_seed).reset_index(drop=True)
-    return table
+    return _shuffled(table.drop(columns=["target"]), seed)
 
 
-SAMPLES = {"iris": iris}
+def diabetes(seed: int | None = None):
+    """Diabetes progression: ten scaled baseline measurements and the target a year later."""
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes(as_frame=True)
+    table = bunch.frame.rename(columns={"target": "progression"})
+    return _shuffled(table[[*DIABETES_COLUMNS, "progression"]], seed)
+
+
+def digits(seed: int | None = None):
+    """8x8 handwritten digits (values 0..16) as (x, y) arrays."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x, y = bunch.images.astype("uint8"), bunch.target.astype("int64")
+    if seed is not None:
+        order = np.random.default_rng(seed).permutation(len(y))
+        x, y = x[order], y[order]
+    return x, y
+
+
+def write(name: str, output: Path, seed: int | None = None, shuffle_labels: bool = False) -> Path:
+    """Write a sample in its pipeline's format: iris CSV, diabetes Parquet, digits NPZ."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if name == "digits":
+        import numpy as np
+
+        from flywheel import images
+
+        x, y = digits(seed)
+        if shuffle_labels:  # a worse upload: same images, labels scrambled
+            y = np.random.default_rng(0).permutation(y)
+        output.write_bytes(images.write_npz(x, y))
+        return output
+    table = {"iris": iris, "diabetes": diabetes}[name](seed)
+    if shuffle_labels:
+        target = table.columns[-1]
+        table[target] = table[target].sample(frac=1.0, random_state=0).to_numpy()
+    if name == "diabetes":
+        table.to_parquet(output, index=False)
+    else:
+        table.to_csv(output, index=False)
+    return output
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flywheel.samples", description=__doc__)
-    parser.add_argument("name", choices=sorted(SAMPLES))
+    parser.add_argument("name", choices=["iris", "diabetes", "digits"])
     parser.add_argument("output", type=Path)
     parser.add_argument("--seed", type=int, default=None, help="shuffle rows (a different upload, same data)")
+    parser.add_argument("--shuffle-labels", action="store_true", help="scramble the labels: a worse dataset")
     args = parser.parse_args(argv)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    SAMPLES[args.name](args.seed).to_csv(args.output, index=False)
-    print(args.output)
+    print(write(args.name, args.output, args.seed, args.shuffle_labels))
     return 0
 
 

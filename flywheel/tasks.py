@@ -23,7 +23,7 @@ def _extras(triggering_asset_events) -> list[dict]:
     return sorted(extras, key=lambda e: e.get("event_time", ""))
 
 
-def validate(pipeline_name: str, triggering_asset_events) -> dict:
+def validate(pipeline_name: str, triggering_asset_events, airflow_run: str = "") -> dict:
     """Pick the newest upload among the events consumed, record them all, validate it."""
     consumed = [e for e in _extras(triggering_asset_events) if "key" in e]
     if not consumed:
@@ -35,7 +35,8 @@ def validate(pipeline_name: str, triggering_asset_events) -> dict:
         log.info("%d uploads folded into this run: training on the newest, %s", len(consumed), dataset["key"])
     settings = Settings.load()
     try:
-        result = run_step(settings, "validate", "--pipeline", pipeline_name, "--dataset", json.dumps(dataset))
+        result = run_step(settings, "validate", "--pipeline", pipeline_name, "--dataset", json.dumps(dataset),
+                          "--airflow-run", airflow_run)
     except DatasetRejected as exc:
         from airflow.sdk.exceptions import AirflowFailException
 

@@ -1,4 +1,4 @@
-"""Train: fit a challenger on the uploaded dataset, track it in MLflow, register it, gate it."""
+"""Train: fit a challenger on the upload, score it and production on the same holdout, register, gate."""
 
 from __future__ import annotations
 
@@ -6,124 +6,154 @@ import argparse
 import json
 import sys
 
-from flywheel import data, pipelines, registry
+import numpy as np
+
+from flywheel import data, frameworks, gate, pipelines, registry
+from flywheel.errors import DatasetInvalid
 from flywheel.pipelines import Pipeline
 from flywheel.settings import Settings
-from flywheel.validate import DatasetInvalid, load_valid_table
+from flywheel.validate import Dataset, load_dataset
 
 
-def _split(pipeline: Pipeline, table):
+def score(metric: str, predicted: np.ndarray, truth: np.ndarray) -> float:
+    if metric == "accuracy":
+        return float(np.mean(np.asarray(predicted).astype(str) == np.asarray(truth).astype(str)))
+    errors = np.asarray(predicted, dtype=float) - np.asarray(truth, dtype=float)
+    if metric == "rmse":
+        return float(np.sqrt(np.mean(errors**2)))
+    if metric == "mae":
+        return float(np.mean(np.abs(errors)))
+    if metric == "r2":
+        truth = np.asarray(truth, dtype=float)
+        return float(1 - np.sum(errors**2) / np.sum((truth - truth.mean()) ** 2))
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def split(pipeline: Pipeline, dataset: Dataset, holdout: Dataset | None):
+    """(x_train, y_train, x_holdout, y_holdout): the fixed holdout object if declared, else a seeded split."""
+    if holdout is not None:
+        return dataset.x, dataset.y, holdout.x, holdout.y
     from sklearn.model_selection import train_test_split
 
-    stratify = table[pipeline.target] if pipeline.task == "classification" else None
-    return train_test_split(
-        table, test_size=pipeline.holdout_fraction, random_state=pipeline.seed, stratify=stratify
-    )
+    stratify = dataset.y if pipeline.task == "classification" else None
+    return train_test_split(dataset.x, dataset.y, test_size=pipeline.holdout_fraction,
+                            random_state=pipeline.seed, stratify=stratify)
 
 
-def fit_xgboost(pipeline: Pipeline, train, holdout):
-    """Return (booster, classes, metrics) for the pipeline's task."""
-    import numpy as np
-    import xgboost as xgb
-
-    params = {k: v for k, v in pipeline.params.items() if k != "num_boost_round"}
-    params.update(seed=pipeline.seed, nthread=1)
-    rounds = int(pipeline.params.get("num_boost_round", 50))
-    features = list(pipeline.features)
-    classes: list[str] = []
-    y_train, y_holdout = train[pipeline.target], holdout[pipeline.target]
-    if pipeline.task == "classification":
-        classes = sorted(str(c) for c in y_train.astype(str).unique())
-        index = {c: i for i, c in enumerate(classes)}
-        y_train = y_train.astype(str).map(index)
-        y_holdout = y_holdout.astype(str).map(index).fillna(-1)
-        if len(classes) == 2:
-            params.setdefault("objective", "binary:logistic")
-        else:
-            params.setdefault("objective", "multi:softprob")
-            params["num_class"] = len(classes)
-    else:
-        params.setdefault("objective", "reg:squarederror")
-    dtrain = xgb.DMatrix(train[features].astype("float32"), label=y_train, feature_names=features)
-    booster = xgb.train(params, dtrain, num_boost_round=rounds)
-    raw = booster.inplace_predict(holdout[features].to_numpy(dtype="float32"))
-    if pipeline.task == "classification":
-        predicted = raw.argmax(axis=1) if raw.ndim == 2 else (raw > 0.5).astype(int)
-        metrics = {"accuracy": float((predicted == y_holdout.to_numpy()).mean())}
-    else:
-        errors = raw - y_holdout.to_numpy()
-        metrics = {"rmse": float(np.sqrt((errors**2).mean())), "mae": float(np.abs(errors).mean())}
-    return booster, classes, metrics
+def class_labels(pipeline: Pipeline, y: np.ndarray) -> list[str]:
+    return list(pipeline.classes) or sorted({str(v) for v in y})
 
 
-def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, consumed: list[dict], airflow_run: str = "") -> dict:
+def champion_score(client, pipeline: Pipeline, x: np.ndarray, truth: np.ndarray) -> tuple[str | None, float | None, str]:
+    """Score the current production version on the challenger's holdout."""
+    version = registry.current_version(client, pipeline.model_name)
+    if version is None:
+        return None, None, ""
+    tags = client.get_model_version(pipeline.model_name, version).tags
+    try:
+        fw = frameworks.get(tags.get("flywheel.framework", "xgboost"))
+        predicted = fw.predict(fw.load(f"models:/{pipeline.model_name}/{version}"), x)
+        if pipeline.task == "classification":
+            classes = json.loads(tags["flywheel.classes"])
+            predicted = np.array([classes[int(i)] for i in predicted])
+        return version, score(pipeline.metric, predicted, truth), ""
+    except Exception as exc:  # a production model that no longer fits the data is no obstacle
+        return version, None, f"production v{version} could not be scored on this holdout: {exc}"
+
+
+def _log_dataset(pipeline: Pipeline, ref: data.DatasetRef, dataset: Dataset) -> None:
     import mlflow
-    from mlflow.models import infer_signature
 
-    table = load_valid_table(settings, pipeline, ref)
-    train, holdout = _split(pipeline, table)
-    booster, classes, metrics = fit_xgboost(pipeline, train, holdout)
-    score = metrics[pipeline.metric]
+    digest = ref.etag[:36] or None
+    if dataset.table is not None:
+        ds = mlflow.data.from_pandas(dataset.table, source=ref.uri, targets=pipeline.target, name=ref.key, digest=digest)
+    else:
+        ds = mlflow.data.from_numpy(dataset.x, targets=np.asarray(dataset.y), source=ref.uri, name=ref.key, digest=digest)
+    mlflow.log_input(ds, context="training")
 
+
+def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, consumed: list[dict],
+        airflow_run: str = "") -> dict:
+    import mlflow
+
+    dataset = load_dataset(settings, pipeline, ref)
+    holdout = None
+    if pipeline.holdout_object:
+        holdout = load_dataset(settings, pipeline, data.DatasetRef(ref.bucket, pipeline.holdout_object))
+    x_train, y_train, x_holdout, y_holdout = split(pipeline, dataset, holdout)
+    classes: list[str] = []
+    if pipeline.task == "classification":
+        classes = class_labels(pipeline, dataset.y)
+        index = {c: i for i, c in enumerate(classes)}
+        y_train = np.array([index[str(v)] for v in y_train])
+    fw = frameworks.get(pipeline.framework)
     client = mlflow.MlflowClient()
     mlflow.set_experiment(pipeline.name)
     with mlflow.start_run(run_name=f"train-{pipeline.name}") as active:
-        mlflow.log_params({**pipeline.params, "holdout_fraction": pipeline.holdout_fraction, "seed": pipeline.seed})
-        mlflow.log_metrics(metrics)
-        dataset = mlflow.data.from_pandas(table, source=ref.uri, targets=pipeline.target, name=ref.key, digest=ref.etag[:36] or None)
-        mlflow.log_input(dataset, context="training")
-        mlflow.set_tags(
-            {
-                "flywheel.pipeline": pipeline.name,
-                "dataset.uri": ref.uri,
-                "dataset.etag": ref.etag,
-                "dataset.version_id": ref.version_id,
-                "airflow.run_id": airflow_run,
-                # every upload a folded DAG run consumed, so none is silently skipped
-                "flywheel.consumed_events": json.dumps([{"key": e["key"], "etag": e.get("etag", "")} for e in consumed]),
-            }
-        )
-        example = holdout[list(pipeline.features)].head(3).astype("float32")
-        info = mlflow.xgboost.log_model(
-            booster,
-            name="model",
-            signature=infer_signature(example, booster.inplace_predict(example.to_numpy())),
-            input_example=example,
-            registered_model_name=pipeline.model_name,
-        )
+        mlflow.log_params({**pipeline.params, "holdout": pipeline.holdout_object or pipeline.holdout_fraction,
+                           "seed": pipeline.seed, "rows": len(dataset)})
+        _log_dataset(pipeline, ref, dataset)
+        model = fw.fit(pipeline, x_train, y_train, len(classes))
+        predicted = fw.predict(model, x_holdout)
+        if classes:
+            predicted = np.array([classes[int(i)] for i in predicted])
+        challenger = score(pipeline.metric, predicted, y_holdout)
+        champion_version, champion, note = champion_score(client, pipeline, x_holdout, y_holdout)
+        decision = gate.decide(pipeline.metric, challenger, champion, higher_is_better=pipeline.higher_is_better,
+                               floor=pipeline.floor, margin=pipeline.margin)
+        reason = f"{decision.reason}; {note}" if note else decision.reason
+        mlflow.log_metrics({pipeline.metric: challenger, **({f"production_{pipeline.metric}": champion}
+                                                            if champion is not None else {})})
+        mlflow.set_tags({
+            "flywheel.pipeline": pipeline.name,
+            "flywheel.decision": "promoted" if decision.promote else "rejected",
+            "flywheel.reason": reason,
+            "dataset.uri": ref.uri,
+            "dataset.etag": ref.etag,
+            "dataset.version_id": ref.version_id,
+            "airflow.run_id": airflow_run,
+            # every upload a folded DAG run consumed, so none is silently skipped
+            "flywheel.consumed_events": json.dumps([{"key": e["key"], "etag": e.get("etag", "")} for e in consumed]),
+        })
+        info = fw.log_model(model, x_holdout[:3], pipeline.model_name)
         run_id = active.info.run_id
     version = str(info.registered_model_version)
     tags = {
         "flywheel.pipeline": pipeline.name,
+        "flywheel.framework": pipeline.framework,
         "flywheel.task": pipeline.task,
-        "flywheel.features": json.dumps(list(pipeline.features)),
         "dataset.uri": ref.uri,
         "dataset.key": ref.key,
         "dataset.etag": ref.etag,
         "dataset.version_id": ref.version_id,
-        f"flywheel.metric.{pipeline.metric}": str(score),
+        "flywheel.metric": pipeline.metric,
+        "flywheel.challenger_score": str(challenger),
+        "flywheel.production_version": champion_version or "",
+        "flywheel.production_score": "" if champion is None else str(champion),
+        "flywheel.decision": "promoted" if decision.promote else "rejected",
+        "flywheel.reason": reason,
     }
+    if pipeline.is_image:
+        tags.update({"flywheel.image_shape": json.dumps(list(pipeline.image_shape)),
+                     "flywheel.max_value": json.dumps(pipeline.max_value)})
+    else:
+        tags["flywheel.features"] = json.dumps(list(pipeline.features))
     if classes:
         tags["flywheel.classes"] = json.dumps(classes)
-    promoted = score >= pipeline.floor
-    reason = (
-        f"{pipeline.metric} {score:.4f} clears the floor {pipeline.floor}"
-        if promoted
-        else f"{pipeline.metric} {score:.4f} is below the floor {pipeline.floor}"
-    )
-    tags.update({"flywheel.decision": "promoted" if promoted else "rejected", "flywheel.reason": reason})
     for key, value in tags.items():
         client.set_model_version_tag(pipeline.model_name, version, key, value)
-    previous = registry.promote(client, pipeline.model_name, version) if promoted else None
+    previous = registry.promote(client, pipeline.model_name, version) if decision.promote else None
+    print(f"{'PROMOTED' if decision.promote else 'REJECTED'} {pipeline.name} v{version}: {reason}",
+          file=sys.stderr, flush=True)
     return {
         "pipeline": pipeline.name,
         "model_name": pipeline.model_name,
         "version": version,
         "run_id": run_id,
-        "promoted": promoted,
+        "promoted": decision.promote,
         "reason": reason,
         "previous_version": previous,
-        "metrics": metrics,
+        "metrics": {pipeline.metric: challenger, f"production_{pipeline.metric}": champion},
         "dataset": ref.as_dict(),
     }
 
@@ -137,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings.load()
     pipeline = pipelines.get(settings.pipelines_dir, args.pipeline)
+    ref = data.DatasetRef.from_extra(json.loads(args.dataset))
     try:
-        result = run(settings, pipeline, data.DatasetRef.from_extra(json.loads(args.dataset)), json.loads(args.consumed), args.airflow_run)
+        result = run(settings, pipeline, ref, json.loads(args.consumed), args.airflow_run)
     except DatasetInvalid as exc:
         print(f"INVALID DATASET {exc}", file=sys.stderr)
         return 2

@@ -67,11 +67,16 @@ async def minio_events(request: Request, authorization: str | None = Header(defa
         body = await request.json()
     except ValueError:
         raise HTTPException(status_code=400, detail="body is not JSON") from None
-    known = {p.name for p in pipelines.load_all(state.settings.pipelines_dir)[0]}
+    known = {p.name: p for p in pipelines.load_all(state.settings.pipelines_dir)[0]}
     forwarded, ignored = [], []
     for event in events.from_notification(body):
-        if event.pipeline not in known:
+        pipeline = known.get(event.pipeline)
+        if pipeline is None:
             ignored.append({"key": event.key, "reason": f"no pipeline named {event.pipeline!r}"})
+            continue
+        if not pipeline.triggers(event.key):
+            # e.g. one half of an IDX set: its run starts when the set's _SUCCESS marker lands
+            ignored.append({"key": event.key, "reason": f"does not start a {pipeline.name} run"})
             continue
         try:
             forwarded.append(await run_in_threadpool(_forward, state, event))

@@ -18,6 +18,16 @@ metric: accuracy
 """
 
 
+IMAGE = """
+name: demo
+format: idx
+task: classification
+image: {shape: [8, 8], max_value: 16}
+framework: tensorflow
+metric: accuracy
+"""
+
+
 def write(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
@@ -40,7 +50,17 @@ def test_shipped_pipelines_load():
         (GOOD.replace("task: classification", "task: clustering"), "field 'task' is 'clustering'"),
         (GOOD.replace("features: [a, b]", "features: []"), "field 'features'"),
         (GOOD.replace("framework: xgboost", "framework: sklearn"), "field 'framework'"),
+        (GOOD.replace("framework: xgboost", "framework: tensorflow"), "framework 'tensorflow' trains image"),
+        (GOOD.replace("metric: accuracy", "metric: rmse"), "field 'metric' is 'rmse'"),
+        (GOOD.replace("features: [a, b]", "features: [a, y]"), "also listed in 'features'"),
         (GOOD + "holdout: {fraction: 1.5}\n", "holdout.fraction"),
+        (GOOD + "holdout: {object: other/x.csv}\n", "holdout.object"),
+        (GOOD + "gate: {floor: high}\n", "gate.floor"),
+        (GOOD + "gate: {margin: -1}\n", "gate.margin"),
+        (GOOD + "validation: {min_class_fraction: 0.9}\n", "validation.min_class_fraction"),
+        (GOOD + "epochs: 3\n", "unknown field(s) epochs"),
+        (IMAGE.replace("shape: [8, 8]", "shape: [8]"), "image.shape"),
+        (IMAGE.replace("framework: tensorflow", "framework: xgboost"), "framework 'xgboost' trains table"),
         ("name: [unclosed", "not valid YAML"),
         ("- a list", "expected a mapping"),
     ],
@@ -51,6 +71,22 @@ def test_mistakes_name_file_and_field(tmp_path, text, message):
         pipelines.load(path)
     assert "demo.yaml" in str(err.value)
     assert message in str(err.value)
+
+
+def test_shipped_pipelines_cover_tables_regression_and_images():
+    loaded = {p.name: p for p in pipelines.load_all(REPO_ROOT / "pipelines")[0]}
+    assert loaded["diabetes"].task == "regression" and not loaded["diabetes"].higher_is_better
+    assert loaded["digits"].framework == "tensorflow" and loaded["digits"].image_shape == (8, 8)
+
+
+def test_idx_sets_train_on_their_marker_only(tmp_path):
+    idx = pipelines.load(write(tmp_path, "demo", IMAGE))
+    assert not idx.triggers("demo/set1/train-images-idx3-ubyte.gz")
+    assert not idx.triggers("demo/set1/train-labels-idx1-ubyte.gz")
+    assert idx.triggers("demo/set1/_SUCCESS")
+    csv = pipelines.load(write(tmp_path, "demo", GOOD + "holdout: {object: demo/holdout.csv}\n"))
+    assert csv.triggers("demo/new.csv")
+    assert not csv.triggers("demo/holdout.csv")  # the fixed holdout is not a training set
 
 
 def test_name_must_match_file(tmp_path):
