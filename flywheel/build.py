@@ -9,21 +9,44 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
+import zipfile
 from importlib import metadata
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from flywheel.settings import REPO_ROOT, Settings
 
 logger = logging.getLogger("flywheel.build")
 
-SERVICE_SOURCE = REPO_ROOT / "bento" / "service.py"
 MODEL_FILE = "flywheel_model.json"
 BOOSTER_FILE = "model.ubj"  # bento/service.py loads this name
+KERAS_FILE = "model.keras"  # bento/image_service.py loads this name
 DATASET_FIELDS = ("uri", "key", "etag", "version_id")
-# Listed for a later `bentoml containerize`; nothing here is installed or locked at build time.
-BENTO_PACKAGES = ("bentoml", "xgboost-cpu", "numpy", "pydantic")
+# Versions without a framework tag predate image models: they are XGBoost.
+DEFAULT_FRAMEWORK = "xgboost"
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How a framework's models are served: the service file and the packages it imports."""
+
+    source: Path
+    service: str
+    # Listed for a later `bentoml containerize`; nothing here is installed or locked at build time.
+    packages: tuple[str, ...]
+
+
+SERVING = {
+    "xgboost": Serving(REPO_ROOT / "bento" / "service.py", "Predictor", ("bentoml", "xgboost-cpu", "numpy", "pydantic")),
+    "tensorflow": Serving(
+        REPO_ROOT / "bento" / "image_service.py",
+        "ImagePredictor",
+        ("bentoml", "tensorflow-cpu", "keras", "numpy", "pydantic"),
+    ),
+}
 
 
 class BuildError(RuntimeError):
@@ -50,29 +73,55 @@ def _read_spec(pipeline: str, version: str) -> dict[str, Any]:
             raise BuildError(f"model version {pipeline} v{version} is not registered in MLflow") from exc
         raise BuildError(f"could not read model version {pipeline} v{version} from MLflow: {exc.message}") from exc
     tags = dict(mv.tags or {})
-    required = ["flywheel.task", "flywheel.features"]
-    if tags.get("flywheel.task") == "classification":
+    where = f"model version {pipeline} v{version}"
+    framework = tags.get("flywheel.framework") or DEFAULT_FRAMEWORK
+    if framework not in SERVING:
+        raise BuildError(f"{where} has framework {framework!r}; this build serves {sorted(SERVING)}")
+    required = ["flywheel.task"]
+    required += ["flywheel.image_shape", "flywheel.max_value"] if framework == "tensorflow" else ["flywheel.features"]
+    if tags.get("flywheel.task") == "classification" or framework == "tensorflow":
         required.append("flywheel.classes")
     missing = [name for name in required if not tags.get(name)]
     if missing:
-        raise BuildError(f"model version {pipeline} v{version} lacks the tags {missing}")
+        raise BuildError(f"{where} lacks the tags {missing}")
     if tags["flywheel.task"] not in ("classification", "regression"):
-        raise BuildError(f"model version {pipeline} v{version} has unknown task {tags['flywheel.task']!r}")
+        raise BuildError(f"{where} has unknown task {tags['flywheel.task']!r}")
+    if framework == "tensorflow" and tags["flywheel.task"] != "classification":
+        raise BuildError(f"{where}: image models classify, but the task tag is {tags['flywheel.task']!r}")
     try:
-        features = json.loads(tags["flywheel.features"])
-        classes = json.loads(tags.get("flywheel.classes") or "[]")
+        parsed = {name: json.loads(tags[name]) for name in required if name != "flywheel.task"}
     except json.JSONDecodeError as exc:
-        raise BuildError(f"model version {pipeline} v{version} has a tag that is not JSON: {exc}") from exc
-    return {
+        raise BuildError(f"{where} has a tag that is not JSON: {exc}") from exc
+    spec = {
         "model_tag": model_tag(pipeline, version),
         "pipeline": pipeline,
         "version": version,
-        "features": [str(f) for f in features],
-        "classes": [str(c) for c in classes],
+        "framework": framework,
+        "classes": [str(c) for c in parsed.get("flywheel.classes", [])],
         "task": tags["flywheel.task"],
         "dataset": {name: tags.get(f"dataset.{name}", "") for name in DATASET_FIELDS},
         "run_id": mv.run_id or "",
     }
+    if framework == "tensorflow":
+        shape, max_value = parsed["flywheel.image_shape"], parsed["flywheel.max_value"]
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s > 0 for s in shape)):
+            raise BuildError(f"{where}: tag flywheel.image_shape is {shape!r}, expected [height, width]")
+        if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) or not max_value > 0:
+            raise BuildError(f"{where}: tag flywheel.max_value is {max_value!r}, expected a positive number")
+        if len(spec["classes"]) < 2:
+            raise BuildError(f"{where}: tag flywheel.classes lists {spec['classes']}, expected at least 2 classes")
+        spec.update(image_shape=shape, max_value=float(max_value))
+    else:
+        spec["features"] = [str(f) for f in parsed["flywheel.features"]]
+    return spec
+
+
+def example_input(spec: dict[str, Any]) -> list:
+    """One valid input for the bento's /predict (zeros), for the deploy step's smoke test."""
+    if spec["framework"] == "tensorflow":
+        height, width = spec["image_shape"]
+        return [[0.0] * width for _ in range(height)]
+    return [0.0] * len(spec["features"])
 
 
 def _check_booster(booster: Any, spec: dict[str, Any]) -> None:
@@ -103,9 +152,8 @@ def _in_store(get: Any, tag: str) -> Any:
 
 
 def _ensure_model(spec: dict[str, Any]) -> None:
-    """Copy the booster from MLflow into the BentoML model store, once per tag."""
+    """Copy the model from MLflow into the BentoML model store, once per tag."""
     import bentoml
-    from bentoml.exceptions import BentoMLException
 
     tag, where = spec["model_tag"], f"model version {spec['pipeline']} v{spec['version']}"
     stored = _in_store(bentoml.models.get, tag)
@@ -118,6 +166,29 @@ def _ensure_model(spec: dict[str, Any]) -> None:
         if _in_store(bentoml.bentos.get, bento_tag(spec["pipeline"], spec["version"])) is not None:
             bentoml.bentos.delete(bento_tag(spec["pipeline"], spec["version"]))
         bentoml.models.delete(tag)
+    if spec["framework"] == "tensorflow":
+        _store_keras(spec, tag, where)
+    else:
+        _store_booster(spec, tag, where)
+
+
+def _store(spec: dict[str, Any], tag: str, info: dict[str, Any], write: Any) -> None:
+    """A plain model-store entry holding what `write(folder_model)` puts there."""
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        with bentoml.models.create(
+            tag, labels={"pipeline": spec["pipeline"], "mlflow-version": spec["version"]}, metadata=info
+        ) as model:
+            write(model)
+    except BentoMLException:
+        # A concurrent build of the same version may have saved it first; that copy is as good.
+        if _in_store(bentoml.models.get, tag) is None:
+            raise
+
+
+def _store_booster(spec: dict[str, Any], tag: str, where: str) -> None:
     # Imported only now: xgboost (and the sklearn it pulls in) costs seconds a reused build skips.
     import mlflow.xgboost
     import xgboost
@@ -129,19 +200,69 @@ def _ensure_model(spec: dict[str, Any]) -> None:
     if not isinstance(booster, xgboost.Booster):
         booster = booster.get_booster()
     _check_booster(booster, spec)
-    info = {key: spec[key] for key in ("pipeline", "version", "task", "features", "classes", "dataset", "run_id")}
+    info = {key: spec[key] for key in ("pipeline", "version", "framework", "task", "features", "classes", "dataset", "run_id")}
     info["xgboost_version"] = xgboost.__version__
-    # A plain model-store entry, not bentoml.xgboost.save_model: that looks up the "xgboost"
-    # distribution's version and fails when xgboost-cpu is what provides the package.
+    # Not bentoml.xgboost.save_model: that looks up the "xgboost" distribution's version and
+    # fails when xgboost-cpu is what provides the package.
+    _store(spec, tag, info, lambda model: booster.save_model(model.path_of(BOOSTER_FILE)))
+
+
+def _keras_io(path: Path) -> tuple[list | None, int | None]:
+    """Input shape (batch first) and output units from a .keras file's config, without Keras.
+
+    A .keras file is a zip whose config.json describes the layers; reading it spares the build
+    TensorFlow's import (10+ s here). (None, None) when the layout is not the expected one.
+    """
     try:
-        with bentoml.models.create(
-            tag, labels={"pipeline": spec["pipeline"], "mlflow-version": spec["version"]}, metadata=info
-        ) as model:
-            booster.save_model(model.path_of(BOOSTER_FILE))
-    except BentoMLException:
-        # A concurrent build of the same version may have saved it first; that copy is as good.
-        if _in_store(bentoml.models.get, tag) is None:
-            raise
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+        inner = config["config"]
+        layers = {layer["name"]: layer for layer in inner["layers"]}
+        (first,) = [layers[name] for name, *_ in _listed(inner["input_layers"])]
+        (last,) = [layers[name] for name, *_ in _listed(inner["output_layers"])]
+        return list(first["config"]["batch_shape"]), int(last["config"]["units"])
+    except (KeyError, ValueError, TypeError, zipfile.BadZipFile):
+        return None, None
+
+
+def _listed(refs: list) -> list:
+    # Keras writes one input as ["name", 0, 0] and several as [["name", 0, 0], ...].
+    return [refs] if refs and isinstance(refs[0], str) else refs
+
+
+def _check_keras(input_shape: list | None, units: int | None, spec: dict[str, Any], where: str) -> None:
+    """Catch a model that disagrees with its own tags now, not on the first request."""
+    if input_shape is not None and list(input_shape[1:]) != list(spec["image_shape"]):
+        raise BuildError(f"{where}: the model takes images of shape {input_shape[1:]} but the tag says {spec['image_shape']}")
+    if units is not None and units != len(spec["classes"]):
+        raise BuildError(f"{where}: the model predicts {units} classes but the tag lists {spec['classes']}")
+
+
+def _store_keras(spec: dict[str, Any], tag: str, where: str) -> None:
+    import mlflow.artifacts
+
+    info = {key: spec[key] for key in ("pipeline", "version", "framework", "task", "image_shape", "max_value", "classes", "dataset", "run_id")}
+    with tempfile.TemporaryDirectory(prefix="flywheel-build-") as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{spec['pipeline']}/{spec['version']}", dst_path=tmp))
+        except Exception as exc:
+            raise BuildError(f"could not download {where} from MLflow: {exc}") from exc
+        # Both MLflow flavors that hold a Keras 3 model (tensorflow, keras) keep it in this file.
+        keras_file = local / "data" / KERAS_FILE
+        input_shape, units = _keras_io(keras_file) if keras_file.is_file() else (None, None)
+        if input_shape is not None and units is not None:
+            _check_keras(input_shape, units, spec, where)
+            _store(spec, tag, info, lambda model: shutil.copyfile(keras_file, model.path_of(KERAS_FILE)))
+            return
+        # Another layout: load it through Keras (slow: imports TensorFlow) and save a .keras file.
+        from flywheel.frameworks import tensorflow as tf_framework
+
+        try:
+            model = tf_framework.load(str(local))
+        except Exception as exc:
+            raise BuildError(f"could not load {where} as a Keras model: {exc}") from exc
+        _check_keras(list(model.input_shape), int(model.output_shape[-1]), spec, where)
+        _store(spec, tag, info, lambda stored: model.save(stored.path_of(KERAS_FILE)))
 
 
 def _bentofile(spec: dict[str, Any]) -> dict[str, Any]:
@@ -151,17 +272,18 @@ def _bentofile(spec: dict[str, Any]) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return name
 
+    serving = SERVING[spec["framework"]]
     return {
-        "service": "service:Predictor",
+        "service": f"{serving.source.stem}:{serving.service}",
         "name": f"flywheel-{spec['pipeline']}",
         "description": f"Serves {spec['model_tag']} (MLflow model {spec['pipeline']} version {spec['version']}).",
-        "labels": {"pipeline": spec["pipeline"], "mlflow-version": spec["version"]},
-        "include": ["service.py", MODEL_FILE],
+        "labels": {"pipeline": spec["pipeline"], "mlflow-version": spec["version"], "framework": spec["framework"]},
+        "include": [serving.source.name, MODEL_FILE],
         # Pin the exact model tag: a reference to ":latest" once served the wrong version.
         "models": [spec["model_tag"]],
         # Locking resolves against the package index (5-6 s, and fails offline); we serve from
         # this very venv, so the list only documents what a container would need.
-        "python": {"packages": [pinned(name) for name in BENTO_PACKAGES], "lock_packages": False},
+        "python": {"packages": [pinned(name) for name in serving.packages], "lock_packages": False},
     }
 
 
@@ -171,7 +293,8 @@ def _write_build_folder(folder: Path, spec: dict[str, Any]) -> Path:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    shutil.copy2(SERVICE_SOURCE, folder / "service.py")
+    source = SERVING[spec["framework"]].source
+    shutil.copy2(source, folder / source.name)
     (folder / MODEL_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     bentofile = folder / "bentofile.yaml"
     bentofile.write_text(yaml.safe_dump(_bentofile(spec), sort_keys=False))
@@ -212,8 +335,8 @@ def build(pipeline_name: str, version: str) -> dict[str, Any]:
                 str(bentofile),
                 build_ctx=str(folder),
                 version=f"v{version}",
-                # The service module is always named "service": re-import it, or a second build
-                # in this process would package the first build's model tag.
+                # Service modules keep their names ("service", "image_service"): re-import them, or
+                # a second build in this process would package the first build's model tag.
                 reload=True,
             )
         except BentoMLException as exc:
@@ -224,6 +347,9 @@ def build(pipeline_name: str, version: str) -> dict[str, Any]:
         "version": version,
         "model_tag": spec["model_tag"],
         "bento_tag": tag,
+        "framework": spec["framework"],
+        # One valid input row for the deploy step's smoke test: it posts {"inputs": [example]}.
+        "example": example_input(spec),
         "build_seconds": round(time.perf_counter() - started, 3),
     }
 

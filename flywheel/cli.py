@@ -41,12 +41,38 @@ def cmd_status(settings: Settings, args) -> int:
     for r in rows:
         healthy = {True: "yes", False: "NO", None: "-"}[r["healthy"]]
         print(f"{r['name']:<24} {r['state']:<9} {r['pid']:>7}  {healthy:<8} {r['endpoint'] or ''}")
-    from flywheel import deploy, pipelines
+    from flywheel import deploy, pipelines, serving_metrics
 
+    stats = serving_metrics.by_pipeline(settings)
+    print(f"\n{'pipeline':<10} {'serving':<28} {'req/s':>8} {'errors':>8} {'p99 ms':>8}")
     for p in pipelines.load_all(settings.pipelines_dir)[0]:
         d = deploy.current(settings, p.name)
-        print(f"pipeline {p.name:<12} " + (f"serving v{d.version} ({d.colour}, {d.bento_tag})" if d else "nothing deployed yet"))
+        served = f"v{d.version} ({d.colour})" if d else "nothing deployed yet"
+        m = stats.get(p.name, {})
+        print(f"{p.name:<10} {served:<28} {_fmt(m.get('rps'), '.1f'):>8} {_fmt(m.get('error_rate'), '.1%'):>8} "
+              f"{_fmt(m.get('p99_ms'), '.1f'):>8}")
     return 0 if all(r["state"] == "RUNNING" and r["healthy"] is not False for r in rows) else 1
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def cmd_rollback(settings: Settings, args) -> int:
+    from flywheel import deploy, pipelines
+
+    try:
+        extra = deploy.rollback(settings, pipelines.get(settings.pipelines_dir, args.pipeline))
+    except deploy.RollbackImpossible as exc:
+        _say(f"error: {exc}")
+        return 1
+    _say(f"{args.pipeline}: production is v{extra['version']} again ({extra['reason']}); deploy_{args.pipeline} "
+         "rolls it out now")
+    if args.wait:
+        row = json.loads(args.wait)
+        version = wait_for_new_version(settings, args.pipeline, row, str(extra["rollback_from"]))
+        _say(f"v{version} serving")
+    return 0
 
 
 def upload(settings: Settings, path: Path, pipeline: str, key: str | None = None) -> dict:
@@ -161,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default="iris")
     p.add_argument("--key", help="object name under datasets/<pipeline>/ (default: the file's name)")
     p.set_defaults(func=cmd_upload)
+    p = sub.add_parser("rollback", help="put the `previous` model version back into production and serve it")
+    p.add_argument("pipeline")
+    p.add_argument("--wait", metavar="ROW", help='wait until a prediction for this JSON row names the rolled-back version')
+    p.set_defaults(func=cmd_rollback)
     p = sub.add_parser("predict", help="POST rows to /predict through Nginx")
     p.add_argument("rows", help='JSON list of rows, e.g. "[[5.1, 3.5, 1.4, 0.2]]"')
     p.add_argument("--pipeline", help="default: the default pipeline at /predict")

@@ -17,10 +17,8 @@ log = logging.getLogger(__name__)
 
 def _extras(triggering_asset_events) -> list[dict]:
     """The extra of every asset event that triggered this run, oldest first."""
-    extras = []
-    for asset_events in (triggering_asset_events or {}).values():
-        extras.extend(dict(e.extra) for e in asset_events)
-    return sorted(extras, key=lambda e: e.get("event_time", ""))
+    found = [e for asset_events in (triggering_asset_events or {}).values() for e in asset_events]
+    return [dict(e.extra) for e in sorted(found, key=lambda e: e.timestamp)]
 
 
 def validate(pipeline_name: str, triggering_asset_events, airflow_run: str = "") -> dict:
@@ -67,8 +65,8 @@ def production_extra(trained: dict, airflow_run: str) -> dict:
 def newest_production(triggering_asset_events) -> dict:
     extras = [e for e in _extras(triggering_asset_events) if "version" in e]
     if not extras:
-        raise ValueError("deploy needs a production-model event (it runs after a promotion)")
-    return max(extras, key=lambda e: int(e["version"]))
+        raise ValueError("deploy needs a production-model event (it runs after a promotion or a rollback)")
+    return extras[-1]  # the latest word on what production is, promotion or rollback
 
 
 def build(pipeline_name: str, production: dict) -> dict:

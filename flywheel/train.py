@@ -29,15 +29,40 @@ def score(metric: str, predicted: np.ndarray, truth: np.ndarray) -> float:
     raise ValueError(f"unknown metric {metric!r}")
 
 
+def holdout_mask(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which rows are holdout, decided by a seeded hash of each row's content, not its position.
+
+    The same row lands on the same side in every upload, so re-uploading overlapping data never
+    scores production on rows it was trained on, and the same upload always splits the same way.
+    """
+    import pandas as pd
+
+    frame = pd.DataFrame(np.asarray(x).reshape(len(x), -1))
+    frame["label"] = np.asarray(y)
+    hashes = pd.util.hash_pandas_object(frame, index=False, hash_key=f"{seed:016d}"[-16:]).to_numpy()
+    return (hashes % 10_000) < int(fraction * 10_000)
+
+
 def split(pipeline: Pipeline, dataset: Dataset, holdout: Dataset | None):
     """(x_train, y_train, x_holdout, y_holdout): the fixed holdout object if declared, else a seeded split."""
     if holdout is not None:
         return dataset.x, dataset.y, holdout.x, holdout.y
-    from sklearn.model_selection import train_test_split
+    mask = holdout_mask(dataset.x, dataset.y, pipeline.holdout_fraction, pipeline.seed)
+    if mask.all() or not mask.any():
+        raise DatasetInvalid(f"{len(mask)} rows leave no {'training' if mask.all() else 'holdout'} rows "
+                             f"(rule: minimum rows)")
+    return dataset.x[~mask], dataset.y[~mask], dataset.x[mask], dataset.y[mask]
 
-    stratify = dataset.y if pipeline.task == "classification" else None
-    return train_test_split(dataset.x, dataset.y, test_size=pipeline.holdout_fraction,
-                            random_state=pipeline.seed, stratify=stratify)
+
+SMOKE_ARTIFACT = "smoke/holdout.json"
+SMOKE_ROWS = 200
+
+
+def smoke_set(pipeline: Pipeline, x: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> dict:
+    """Holdout rows, their truth, and the score the trained model got on exactly these rows."""
+    n = min(len(truth), SMOKE_ROWS)
+    return {"metric": pipeline.metric, "recorded": score(pipeline.metric, predicted[:n], truth[:n]),
+            "inputs": np.asarray(x[:n]).tolist(), "truth": np.asarray(truth[:n]).tolist()}
 
 
 def class_labels(pipeline: Pipeline, y: np.ndarray) -> list[str]:
@@ -116,6 +141,8 @@ def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, consumed: 
             "flywheel.consumed_events": json.dumps([{"key": e["key"], "etag": e.get("etag", "")} for e in consumed]),
         })
         info = fw.log_model(model, x_holdout[:3], pipeline.model_name)
+        # The deploy step replays these rows through the new server before it takes traffic.
+        mlflow.log_dict(smoke_set(pipeline, x_holdout, y_holdout, predicted), SMOKE_ARTIFACT)
         run_id = active.info.run_id
     version = str(info.registered_model_version)
     tags = {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,8 +40,9 @@ def print_logs(settings: Settings, lines: int = 40) -> None:
 
 
 @pytest.fixture(scope="session")
-def stack_settings(tmp_path_factory, request):
-    state = tmp_path_factory.mktemp("stack")
+def stack_settings(request):
+    # Not under pytest's tmp_path: a second pytest session (pytest keeps three) may delete that folder.
+    state = Path(tempfile.mkdtemp(prefix="flywheel-e2e-"))
     env = {"FLYWHEEL_STATE_DIR": str(state)}
     env.update({f"FLYWHEEL_{name.upper()}_PORT": str(port + PORT_OFFSET) for name, port in vars(Ports()).items()})
     with pytest.MonkeyPatch.context() as mp:
@@ -53,8 +56,11 @@ def stack_settings(tmp_path_factory, request):
             print(f"stack up in {time.monotonic() - started:.1f}s")
             yield settings
         finally:
-            if request.session.testsfailed > failed_before:
+            failed = request.session.testsfailed > failed_before
+            if failed:
                 print_logs(settings)
             stack.down(settings)
             leftovers = processes_of(state)
             assert leftovers == [], f"processes left behind after down: {leftovers}"
+            if not failed:
+                shutil.rmtree(state, ignore_errors=True)

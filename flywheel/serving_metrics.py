@@ -1,0 +1,40 @@
+"""Serving metrics: per-pipeline request rate, error rate and p99 latency, queried from Prometheus."""
+
+from __future__ import annotations
+
+import httpx
+
+from flywheel.settings import Settings
+
+WINDOW = "1m"
+QUERIES = {
+    "rps": f'sum by (pipeline) (rate(bentoml_service_request_total{{endpoint="/predict"}}[{WINDOW}]))',
+    "error_rate": (
+        f'sum by (pipeline) (rate(bentoml_service_request_total{{endpoint="/predict",http_response_code!~"2.."}}[{WINDOW}]))'
+        f' / sum by (pipeline) (rate(bentoml_service_request_total{{endpoint="/predict"}}[{WINDOW}]))'
+    ),
+    "p99_ms": (
+        "1000 * histogram_quantile(0.99, sum by (pipeline, le) "
+        f'(rate(bentoml_service_request_duration_seconds_bucket{{endpoint="/predict"}}[{WINDOW}])))'
+    ),
+}
+
+
+def query(settings: Settings, promql: str) -> list[dict]:
+    r = httpx.get(f"{settings.prometheus_url}/api/v1/query", params={"query": promql}, timeout=5)
+    r.raise_for_status()
+    return r.json()["data"]["result"]
+
+
+def by_pipeline(settings: Settings) -> dict[str, dict[str, float | None]]:
+    """{pipeline: {rps, error_rate, p99_ms}}; empty when Prometheus is unreachable."""
+    stats: dict[str, dict[str, float | None]] = {}
+    for name, promql in QUERIES.items():
+        try:
+            results = query(settings, promql)
+        except httpx.HTTPError:
+            return {}
+        for series in results:
+            value = float(series["value"][1])
+            stats.setdefault(series["metric"].get("pipeline", "?"), {})[name] = None if value != value else value
+    return stats

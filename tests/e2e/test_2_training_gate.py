@@ -1,0 +1,102 @@
+"""End to end, training done right (runs after test_1): the gate, rejections, a CNN."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import httpx
+import pytest
+
+from flywheel import cli
+from flywheel.airflow_api import AirflowAPI
+from tests.e2e.test_1_upload_to_prediction import DEADLINE, HOLDOUT, TRAINING, csv_bytes, predict, put
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def api(stack_settings):
+    client = AirflowAPI(stack_settings.airflow_url, "admin", stack_settings.secrets["AIRFLOW_ADMIN_PASSWORD"])
+    yield client
+    client.close()
+
+
+def finished_run(api, dag_id: str, after: set[str]) -> dict:
+    """The first run of `dag_id` not in `after`, once it has finished."""
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        new = [r for r in api.dag_runs(dag_id) if r["dag_run_id"] not in after]
+        if new and new[-1]["state"] in ("failed", "success"):
+            return new[-1]
+        time.sleep(2)
+    raise AssertionError(f"no finished {dag_id} run within {DEADLINE}s")
+
+
+def mlflow_runs(settings, experiment: str, filter_string: str) -> list[dict]:
+    base = f"{settings.mlflow_url}/api/2.0/mlflow"
+    exp = httpx.get(f"{base}/experiments/get-by-name", params={"experiment_name": experiment}).json()
+    r = httpx.post(f"{base}/runs/search", json={"experiment_ids": [exp["experiment"]["experiment_id"]],
+                                                "filter": filter_string})
+    return r.json().get("runs", [])
+
+
+def test_a_worse_upload_is_rejected_and_the_old_version_keeps_serving(stack_settings, api):
+    served = predict(stack_settings, {"inputs": [HOLDOUT[0][:4]]}).json()["model"]["version"]
+    before = {r["dag_run_id"] for r in api.dag_runs("train_iris")}
+    deploys_before = {r["dag_run_id"] for r in api.dag_runs("deploy_iris")}
+    labels = [row[4] for row in TRAINING]
+    shuffled = [row[:4] + [labels[(i * 7) % len(labels)]] for i, row in enumerate(TRAINING)]
+    put(stack_settings, "iris/shuffled-labels.csv", csv_bytes(shuffled))
+    run = finished_run(api, "train_iris", before)
+    states = {t["task_id"]: t["state"] for t in api.task_instances("train_iris", run["dag_run_id"])}
+    assert states == {"validate": "success", "train": "success", "publish": "skipped"}
+    # The rejected challenger is registered and tagged, never served, and nothing was redeployed.
+    rejected = mlflow_runs(stack_settings, "iris", "tags.`flywheel.decision` = 'rejected'")
+    assert rejected, "no rejected training run in MLflow"
+    reason = {t["key"]: t["value"] for t in rejected[0]["data"]["tags"]}["flywheel.reason"]
+    assert "does not beat" in reason or "fails the floor" in reason
+    time.sleep(5)
+    assert {r["dag_run_id"] for r in api.dag_runs("deploy_iris")} == deploys_before
+    assert predict(stack_settings, {"inputs": [HOLDOUT[0][:4]]}).json()["model"]["version"] == served
+
+
+def test_a_malformed_upload_is_recorded_as_rejected_in_mlflow(stack_settings):
+    rejected = mlflow_runs(stack_settings, "iris", "tags.`flywheel.status` = 'rejected'")
+    assert rejected, "the no-target upload left no rejected run in MLflow"
+    tags = {t["key"]: t["value"] for t in rejected[0]["data"]["tags"]}
+    assert "iris/no-target.csv" in tags["flywheel.reason"] and "required columns" in tags["flywheel.reason"]
+    assert rejected[0]["info"]["status"] == "FAILED"
+
+
+def test_digits_trains_a_cnn_and_serves_it(stack_settings, api):
+    x, y = digits_rows(20)
+    sample = cli.make_sample(stack_settings, "digits", stack_settings.state / "samples" / "digits.npz")
+    put(stack_settings, "digits/digits.npz", sample.read_bytes())
+    deadline = time.monotonic() + DEADLINE
+    body = None
+    while time.monotonic() < deadline:
+        r = predict(stack_settings, {"inputs": x}, path="/digits/predict")
+        if r.status_code == 200:
+            body = r.json()
+            break
+        time.sleep(3)
+    assert body is not None, "digits never served"
+    assert body["model"]["name"] == "digits"
+    correct = sum(str(p) == str(t) for p, t in zip(body["predictions"], y))
+    assert correct >= 16, body["predictions"]
+    bad = predict(stack_settings, {"inputs": [[[0.0] * 7] * 8]}, path="/digits/predict")
+    assert bad.status_code == 400
+
+
+def digits_rows(n: int) -> tuple[list, list]:
+    """The first n of sklearn's 8x8 digits, from its shipped CSV (the sample writes them in this order)."""
+    import csv
+    import gzip
+
+    from flywheel.settings import Settings
+
+    path = next((Settings.load().venv_ml / "lib").glob("python3*/site-packages/sklearn/datasets/data/digits.csv.gz"))
+    rows = list(csv.reader(io.StringIO(gzip.decompress(path.read_bytes()).decode())))[:n]
+    images = [[[float(v) for v in row[r * 8:(r + 1) * 8]] for r in range(8)] for row in rows]
+    return images, [int(float(row[64])) for row in rows]
