@@ -6,15 +6,16 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Any
 
 from flywheel.settings import REPO_ROOT, Settings
@@ -106,7 +107,7 @@ def _read_spec(pipeline: str, version: str) -> dict[str, Any]:
         shape, max_value = parsed["flywheel.image_shape"], parsed["flywheel.max_value"]
         if not (isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s > 0 for s in shape)):
             raise BuildError(f"{where}: tag flywheel.image_shape is {shape!r}, expected [height, width]")
-        if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) or not max_value > 0:
+        if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) or not 0 < max_value < math.inf:
             raise BuildError(f"{where}: tag flywheel.max_value is {max_value!r}, expected a positive number")
         if len(spec["classes"]) < 2:
             raise BuildError(f"{where}: tag flywheel.classes lists {spec['classes']}, expected at least 2 classes")
@@ -173,7 +174,7 @@ def _ensure_model(spec: dict[str, Any]) -> None:
 
 
 def _store(spec: dict[str, Any], tag: str, info: dict[str, Any], write: Any) -> None:
-    """A plain model-store entry holding what `write(folder_model)` puts there."""
+    """A plain model-store entry, filled by `write(model)` (which saves files under model.path_of)."""
     import bentoml
     from bentoml.exceptions import BentoMLException
 
@@ -249,20 +250,15 @@ def _store_keras(spec: dict[str, Any], tag: str, where: str) -> None:
             raise BuildError(f"could not download {where} from MLflow: {exc}") from exc
         # Both MLflow flavors that hold a Keras 3 model (tensorflow, keras) keep it in this file.
         keras_file = local / "data" / KERAS_FILE
-        input_shape, units = _keras_io(keras_file) if keras_file.is_file() else (None, None)
-        if input_shape is not None and units is not None:
-            _check_keras(input_shape, units, spec, where)
-            _store(spec, tag, info, lambda model: shutil.copyfile(keras_file, model.path_of(KERAS_FILE)))
-            return
-        # Another layout: load it through Keras (slow: imports TensorFlow) and save a .keras file.
-        from flywheel.frameworks import tensorflow as tf_framework
-
-        try:
-            model = tf_framework.load(str(local))
-        except Exception as exc:
-            raise BuildError(f"could not load {where} as a Keras model: {exc}") from exc
-        _check_keras(list(model.input_shape), int(model.output_shape[-1]), spec, where)
-        _store(spec, tag, info, lambda stored: model.save(stored.path_of(KERAS_FILE)))
+        if not keras_file.is_file():
+            raise BuildError(f"{where} has no data/{KERAS_FILE}: not a Keras 3 model as flywheel.frameworks.tensorflow logs it")
+        input_shape, units = _keras_io(keras_file)
+        if input_shape is None or units is None:
+            # Not the functional layout our CNN has; the smoke test still proves it serves.
+            logger.warning("%s: cannot read input shape and classes from %s; not checked against the tags", where, KERAS_FILE)
+        _check_keras(input_shape, units, spec, where)
+        # The very file MLflow holds: no TensorFlow import (10+ s here) to load and re-save it.
+        _store(spec, tag, info, lambda model: shutil.copyfile(keras_file, model.path_of(KERAS_FILE)))
 
 
 def _bentofile(spec: dict[str, Any]) -> dict[str, Any]:

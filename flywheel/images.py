@@ -173,6 +173,7 @@ def check_images(
         )
     if y.ndim != 1 or len(y) != len(x):
         raise DatasetInvalid(f"{where}: {len(x)} images but labels of shape {y.shape} (rule: consistent pair)")
+    min_rows = max(min_rows, 1)
     if len(x) < min_rows:
         raise DatasetInvalid(f"{where}: {len(x)} images, need at least {min_rows} (rule: minimum rows)")
     flat = x.reshape(len(x), -1)

@@ -86,6 +86,7 @@ class Settings:
     secrets: dict[str, str] = field(repr=False)
     host: str = "127.0.0.1"
     default_pipeline: str = "iris"
+    pipelines_dir: Path = REPO_ROOT / "pipelines"
     datasets_bucket: str = "datasets"
     mlflow_bucket: str = "mlflow"
 
@@ -111,6 +112,7 @@ class Settings:
             secrets={name: merged.get(name, "") for name in GENERATED_SECRETS},
             host=merged.get("FLYWHEEL_HOST", "127.0.0.1"),
             default_pipeline=merged.get("FLYWHEEL_DEFAULT_PIPELINE", "iris"),
+            pipelines_dir=Path(merged.get("FLYWHEEL_PIPELINES_DIR", repo / "pipelines")),
         )
 
     # Where things live.
@@ -137,10 +139,6 @@ class Settings:
     @property
     def bentoml_home(self) -> Path:
         return self.state / "bentoml"
-
-    @property
-    def pipelines_dir(self) -> Path:
-        return self.repo / "pipelines"
 
     # URLs every component agrees on.
     def url(self, port: int) -> str:

@@ -23,7 +23,12 @@ REQUIREMENTS = ("keras", "tensorflow-cpu", "numpy")
 
 
 def _params(pipeline: Any) -> dict[str, Any]:
-    params = {**DEFAULTS, **{k: v for k, v in (pipeline.params or {}).items() if k in DEFAULTS}}
+    given = dict(pipeline.params or {})
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        # A misspelt "epoch" would otherwise train with the default and nobody would know.
+        raise ValueError(f"pipeline {getattr(pipeline, 'name', '?')}: unknown tensorflow params {unknown}; expected {sorted(DEFAULTS)}")
+    params = {**DEFAULTS, **given}
     return {
         "epochs": int(params["epochs"]),
         "batch_size": int(params["batch_size"]),

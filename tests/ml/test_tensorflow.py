@@ -98,6 +98,15 @@ def test_architecture_adapts_to_28x28():
     assert framework.predict(model, images).shape == (3,)
 
 
+def test_unknown_param_is_an_error(digits):
+    from flywheel.frameworks import tensorflow as framework
+
+    pipeline = _pipeline()
+    pipeline.params = {"epoch": 2}
+    with pytest.raises(ValueError, match=r"unknown tensorflow params \['epoch'\]"):
+        framework.fit(pipeline, digits.x_train[:10], digits.y_train[:10], num_classes=10)
+
+
 # ---- MLflow -------------------------------------------------------------------------------------
 
 
