@@ -74,7 +74,8 @@ def operator_kwargs(backend: str, spec: StepSpec, settings: Settings, task_id: s
 
     Both push the step's last stdout line (its JSON result) to XCom, as the local runner returns it.
     """
-    env = {k: v for k, v in settings.client_env().items() if not k.startswith("FLYWHEEL_") or k == "FLYWHEEL_STATE_DIR"}
+    env = {k: v for k, v in settings.client_env().items()
+           if not k.startswith("FLYWHEEL_") or k == "FLYWHEEL_STATE_DIR" or k.endswith("_HOST")}
     if backend == "docker":
         return {"task_id": task_id, "image": image, "command": spec.command(), "environment": env,
                 "network_mode": "flywheel", "auto_remove": "success", "do_xcom_push": True, "xcom_all": False,

@@ -89,6 +89,8 @@ class Settings:
     pipelines_dir: Path = REPO_ROOT / "pipelines"
     datasets_bucket: str = "datasets"
     mlflow_bucket: str = "mlflow"
+    # Compose mode: the host each port's service is reached at (FLYWHEEL_<NAME>_HOST); else `host`.
+    hosts: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, environ: dict[str, str] | None = None, create_secrets: bool = False) -> Settings:
@@ -113,6 +115,8 @@ class Settings:
             host=merged.get("FLYWHEEL_HOST", "127.0.0.1"),
             default_pipeline=merged.get("FLYWHEEL_DEFAULT_PIPELINE", "iris"),
             pipelines_dir=Path(merged.get("FLYWHEEL_PIPELINES_DIR", repo / "pipelines")),
+            hosts={name: merged[f"FLYWHEEL_{name.upper()}_HOST"] for name in Ports.__dataclass_fields__
+                   if merged.get(f"FLYWHEEL_{name.upper()}_HOST")},
         )
 
     # Where things live.
@@ -141,12 +145,19 @@ class Settings:
         return self.state / "bentoml"
 
     # URLs every component agrees on.
+    def host_of(self, port: int) -> str:
+        """Where the service on `port` is reached: FLYWHEEL_<NAME>_HOST, else FLYWHEEL_HOST (the Bentos too)."""
+        for name, value in asdict(self.ports).items():
+            if value == port:
+                return self.hosts.get(name, self.host)
+        return self.host
+
     def url(self, port: int) -> str:
-        return f"http://{self.host}:{port}"
+        return f"http://{self.host_of(port)}:{port}"
 
     @property
     def minio_endpoint(self) -> str:
-        return f"{self.host}:{self.ports.minio}"
+        return f"{self.host_of(self.ports.minio)}:{self.ports.minio}"
 
     @property
     def mlflow_url(self) -> str:
@@ -175,6 +186,8 @@ class Settings:
         user, password = self.secrets["MINIO_ROOT_USER"], self.secrets["MINIO_ROOT_PASSWORD"]
         return {
             **self.port_env(),
+            "FLYWHEEL_HOST": self.host,
+            **{f"FLYWHEEL_{name.upper()}_HOST": host for name, host in self.hosts.items()},
             "FLYWHEEL_REPO": str(self.repo),
             "FLYWHEEL_STATE_DIR": str(self.state),
             "MLFLOW_TRACKING_URI": self.mlflow_url,

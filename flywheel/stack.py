@@ -113,8 +113,8 @@ def prometheus_conf(settings: Settings) -> str:
     template = (settings.repo / "services" / "prometheus" / "prometheus.yml.template").read_text()
     return (
         template.replace("@TARGETS@", str(settings.state / "prometheus" / "targets"))
-        .replace("@EXPORTER@", f"{settings.host}:{settings.ports.nginx_exporter}")
-        .replace("@PROMETHEUS@", f"{settings.host}:{settings.ports.prometheus}")
+        .replace("@EXPORTER@", f"{settings.host_of(settings.ports.nginx_exporter)}:{settings.ports.nginx_exporter}")
+        .replace("@PROMETHEUS@", f"{settings.host_of(settings.ports.prometheus)}:{settings.ports.prometheus}")
         .replace("@RULES@", str(settings.repo / "services" / "prometheus" / "rules.yml"))
     )
 

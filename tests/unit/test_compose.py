@@ -230,7 +230,7 @@ def test_commands_match_the_topology(embedded, services):
         compose = services[home]
         program, words, flags = shape(svc.command)
         c_program, c_words, c_flags = shape(argv(compose))
-        assert (c_program, c_words) == (program, words), f"{home}: runs {c_program} {c_words}, topology {program} {words}"
+        assert (c_program, c_words) == (program, words), f"{home}: {c_program} {c_words}, not {program} {words}"
         for (service, flag), variable in FLAG_FROM_ENV.items():
             if service == home:
                 assert variable in environment(compose), f"{home}: {flag} comes from {variable}"
@@ -317,7 +317,8 @@ def test_ports_are_published_on_loopback_as_in_embedded_mode(services):
         assert published.get(port) == (PORT_HOME[port_name], port), f"{port_name} ({port}) not published"
     raw_ports = COMPOSE_FILE.read_text()
     for port_name in PUBLISHED:  # the host side follows FLYWHEEL_<NAME>_PORT, as embedded mode does
-        assert f"127.0.0.1:${{FLYWHEEL_{port_name.upper()}_PORT:-{defaults[port_name]}}}:{defaults[port_name]}" in raw_ports
+        port = defaults[port_name]
+        assert f"127.0.0.1:${{FLYWHEEL_{port_name.upper()}_PORT:-{port}}}:{port}" in raw_ports
 
 
 def test_serving_runs_the_topology_programs(embedded, services):
@@ -463,7 +464,7 @@ def test_images_are_pinned_and_run_unprivileged(raw):
         for base in re.findall(r"^FROM\s+(?:--platform=\S+\s+)?(\S+)", text, re.M | re.I):
             assert base in stages or exact.match(base), f"{dockerfile}: base {base} is not an exact version"
         users = re.findall(r"^USER\s+(\S+)", text, re.M)
-        assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), f"{dockerfile}: last USER must be a numeric non-root uid"
+        assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), f"{dockerfile}: end as a numeric non-root uid"
     for name, svc in raw["services"].items():
         if "build" not in svc:
             assert exact.match(svc["image"]), f"{name}: image {svc['image']} is not an exact version"
@@ -471,7 +472,8 @@ def test_images_are_pinned_and_run_unprivileged(raw):
 
 def test_images_install_the_lock_files_with_the_makefiles_uv(raw):
     uv = _makefile("UV_VERSION")
-    locks = {"airflow": {"locks/platform.txt", "locks/ml.txt"}, "trainer": {"locks/ml.txt"}, "serving": {"locks/ml.txt"}}
+    locks = {"airflow": {"locks/platform.txt", "locks/ml.txt"}, "trainer": {"locks/ml.txt"},
+             "serving": {"locks/ml.txt"}}
     for image, wanted in locks.items():
         text = (REPO_ROOT / "services" / image / "Dockerfile").read_text()
         assert set(re.findall(r"uv pip sync (\S+)", text)) == wanted, image
@@ -602,5 +604,6 @@ def test_grafana_is_provisioned_with_what_the_dashboard_uses(services):
         mounts[target] = source
     assert (REPO_ROOT / mounts[provider["options"]["path"]]).resolve() == (GRAFANA / "dashboards").resolve()
     home = environment(services["grafana"])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
-    assert Path(home).parent == Path(provider["options"]["path"]) and (GRAFANA / "dashboards" / Path(home).name).exists()
+    assert Path(home).parent == Path(provider["options"]["path"])
+    assert (GRAFANA / "dashboards" / Path(home).name).exists()
 
