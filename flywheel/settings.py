@@ -19,6 +19,10 @@ GENERATED_SECRETS = (
     "AIRFLOW__API__SECRET_KEY",
     "AIRFLOW__CORE__FERNET_KEY",
     "FLYWHEEL_WEBHOOK_TOKEN",
+    # Compose mode's own services; embedded mode has them too so one `.env` serves both.
+    "POSTGRES_PASSWORD",
+    "GF_SECURITY_ADMIN_PASSWORD",
+    "GRAFANA_DB_PASSWORD",
 )
 
 
@@ -200,3 +204,9 @@ class Settings:
             "BENTOML_DO_NOT_TRACK": "True",
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         }
+
+
+if __name__ == "__main__":
+    # `python3 -m flywheel.settings`: create or complete `.env` (stdlib only, so it runs before any install).
+    created = ensure_env_file(REPO_ROOT / ".env")
+    print(f"{REPO_ROOT / '.env'}: {len(created)} values ({', '.join(GENERATED_SECRETS)})")

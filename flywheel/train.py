@@ -87,14 +87,21 @@ def champion_score(client, pipeline: Pipeline, x: np.ndarray, truth: np.ndarray)
 
 
 def _log_dataset(pipeline: Pipeline, ref: data.DatasetRef, dataset: Dataset) -> None:
-    import mlflow
+    """The upload as an MLflow dataset input: its URI, its etag as digest, and its schema.
 
-    digest = ref.etag[:36] or None
-    if dataset.table is not None:
-        ds = mlflow.data.from_pandas(dataset.table, source=ref.uri, targets=pipeline.target, name=ref.key, digest=digest)
-    else:
-        ds = mlflow.data.from_numpy(dataset.x, targets=np.asarray(dataset.y), source=ref.uri, name=ref.key, digest=digest)
-    mlflow.log_input(ds, context="training")
+    A MetaDataset with a schema inferred from a sample: MLflow's PandasDataset infers the schema
+    by visiting every cell in Python (about 25 s for 1M x 30), and the validate step has already
+    checked every column.
+    """
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.models import infer_signature
+
+    sample = dataset.table.head(1000) if dataset.table is not None else np.asarray(dataset.x[:1000])
+    ds = MetaDataset(resolve_dataset_source(ref.uri), name=ref.key, digest=ref.etag[:36] or None,
+                     schema=infer_signature(sample).inputs)
+    mlflow.log_input(ds, context="training", tags={"rows": str(len(dataset))})
 
 
 def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, consumed: list[dict],

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from importlib import metadata
 from typing import Any
 
 import numpy as np
+
+from flywheel.frameworks import pinned
 
 DEFAULTS = {"epochs": 10, "batch_size": 32, "learning_rate": 0.003, "filters": 16}
 # Conv blocks halve the image; stop before the side falls under this, so 8x8 digits get two
@@ -118,13 +119,6 @@ def predict(model: Any, x: np.ndarray) -> np.ndarray:
     return probabilities(model, x).argmax(axis=1).astype(np.int64)
 
 
-def _pinned(name: str) -> str:
-    try:
-        return f"{name}=={metadata.version(name)}"
-    except metadata.PackageNotFoundError:
-        return name
-
-
 def log_model(model: Any, example: np.ndarray, registered_model_name: str):
     """Log the model to the active MLflow run (a `.keras` file, tensorflow flavor) and register it."""
     import mlflow.tensorflow
@@ -143,7 +137,7 @@ def log_model(model: Any, example: np.ndarray, registered_model_name: str):
             signature=infer_signature(example, probabilities(model, example)),
             input_example=example,
             registered_model_name=registered_model_name,
-            pip_requirements=[_pinned(name) for name in REQUIREMENTS],
+            pip_requirements=pinned(*REQUIREMENTS),
         )
 
 

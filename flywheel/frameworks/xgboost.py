@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from flywheel.frameworks import pinned
+
 
 def _params(pipeline, num_classes: int) -> tuple[dict, int]:
     params = {k: v for k, v in pipeline.params.items() if k != "num_boost_round"}
@@ -55,6 +57,7 @@ def log_model(model, example: np.ndarray, registered_model_name: str):
         signature=infer_signature(frame, model.inplace_predict(frame.to_numpy())),
         input_example=frame,
         registered_model_name=registered_model_name,
+        pip_requirements=pinned("xgboost-cpu", "numpy", "pandas"),
     )
 
 
