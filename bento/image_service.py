@@ -23,9 +23,11 @@ HEIGHT, WIDTH = (int(s) for s in MODEL["image_shape"])
 MAX_VALUE = float(MODEL["max_value"])
 CLASSES: tuple[str, ...] = tuple(MODEL["classes"])
 MAX_IMAGES = 256
-# Adaptive batching gathers the images of concurrent requests into one forward pass. Read once,
-# at import: FLYWHEEL_BATCHING=off serves each request on its own, for comparing the two.
-BATCHING = os.environ.get("FLYWHEEL_BATCHING", "on").strip().lower() not in ("off", "0", "false", "no")
+# Adaptive batching gathers the images of concurrent requests into one forward pass. The pipeline's
+# `serving.batching` decides (built into flywheel_model.json); FLYWHEEL_BATCHING=on/off overrides it
+# at import, so a benchmark can compare the two on one bento.
+_override = os.environ.get("FLYWHEEL_BATCHING", "").strip().lower()
+BATCHING = (_override not in ("off", "0", "false", "no")) if _override else bool(MODEL.get("batching", False))
 # A whole request fits one batch, so none is split. The latency bound only sheds load: BentoML
 # answers 503 to a request that has waited this long in the queue.
 MAX_BATCH_SIZE = MAX_IMAGES

@@ -297,6 +297,16 @@ def _write_build_folder(folder: Path, spec: dict[str, Any]) -> Path:
     return bentofile
 
 
+def _batching(settings: Settings, pipeline_name: str) -> bool:
+    """The pipeline's `serving.batching`; it is written into the bento, so a bento never changes."""
+    from flywheel import pipelines
+
+    try:
+        return pipelines.get(settings.pipelines_dir, pipeline_name).batching
+    except pipelines.PipelineError:
+        return False
+
+
 def build(pipeline_name: str, version: str) -> dict[str, Any]:
     """Build (or reuse) bento `flywheel-<pipeline>:v<version>` serving MLflow model <pipeline> v<version>."""
     started = time.perf_counter()
@@ -319,6 +329,7 @@ def build(pipeline_name: str, version: str) -> dict[str, Any]:
     from bentoml.exceptions import BentoMLException
 
     spec = _read_spec(pipeline_name, version)
+    spec["batching"] = _batching(settings, pipeline_name)
     _ensure_model(spec)
     tag = bento_tag(pipeline_name, version)
     if _in_store(bentoml.bentos.get, tag) is not None:

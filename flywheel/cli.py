@@ -19,11 +19,12 @@ def _say(message: str) -> None:
     print(f"[flywheel] {message}", flush=True)
 
 
-def cmd_up(settings: Settings, args) -> int:
+def cmd_up(settings: Settings, args, show_urls: bool = True) -> int:
     started = time.monotonic()
     stack.up(settings, progress=_say)
     _say(f"stack up in {time.monotonic() - started:.1f}s")
-    print_urls(settings)
+    if show_urls:
+        print_urls(settings)
     return 0
 
 
@@ -142,7 +143,7 @@ def make_sample(settings: Settings, name: str, output: Path, seed: int | None = 
 
 
 def cmd_demo(settings: Settings, args) -> int:
-    cmd_up(settings, args)
+    cmd_up(settings, args, show_urls=False)
     pipeline = "iris"
     row = [5.1, 3.5, 1.4, 0.2]
     before = served_version(settings, pipeline, row)

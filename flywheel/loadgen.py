@@ -14,7 +14,7 @@ SCRIPT = REPO_ROOT / "bench" / "wrk" / "predict.lua"
 
 def wrk_command(url: str, body: dict, connections: int, seconds: float, cpu: int | None = None) -> tuple[list[str], dict]:
     threads = max(1, min(2, connections))  # wrk refuses more threads than connections
-    command = [shutil.which("wrk") or "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s",
+    command = [shutil.which("wrk") or "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
                "--timeout", "5s", "-s", str(SCRIPT), url]
     if cpu is not None:  # keep the load generator off the server's core, or we measure their fight
         command = ["taskset", "-c", str(cpu), *command]

@@ -55,6 +55,7 @@ class Pipeline:
     holdout_object: str = ""  # a fixed holdout the user uploads; empty: a seeded split
     seed: int = 42
     validation: Validation = Validation()
+    batching: bool = False  # BentoML adaptive batching for the served model (serving.batching)
     source: str = ""
 
     # Asset URIs: the names the Airflow Asset view shows.
@@ -137,7 +138,7 @@ def parse(data: Any, source: str) -> Pipeline:
     if not isinstance(data, dict):
         raise PipelineError(f"{source}: expected a mapping at the top level")
     known = {"name", "dataset_prefix", "format", "task", "framework", "metric", "target", "features", "classes",
-             "image", "params", "gate", "holdout", "validation"}
+             "image", "params", "gate", "holdout", "validation", "serving"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PipelineError(f"{source}: unknown field(s) {', '.join(unknown)}")
@@ -181,7 +182,11 @@ def parse(data: Any, source: str) -> Pipeline:
     if holdout_object and not str(holdout_object).startswith(prefix):
         raise PipelineError(f"{source}: field 'holdout.object' must be a key under {prefix}")
     params = _section(data, "params", source)
+    batching = _section(data, "serving", source).get("batching", False)
+    if not isinstance(batching, bool):
+        raise PipelineError(f"{source}: field 'serving.batching' must be true or false, got {batching!r}")
     return Pipeline(
+        batching=batching,
         name=name,
         dataset_prefix=prefix,
         format=fmt,

@@ -248,7 +248,7 @@ def server(registry, built):
     port = _free_port()
     log_path = registry.root / "serve.log"
     env = {**os.environ, **registry.env}
-    env.pop("FLYWHEEL_BATCHING", None)  # the default: batching on
+    env["FLYWHEEL_BATCHING"] = "on"  # exercise adaptive batching (digits ships with it off, measured)
     command = [sys.executable, "-m", "bentoml", "serve", built["bento_tag"], "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         # Its own session, so teardown can stop the server and its worker processes together.
