@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import anyio
 import bentoml
 import numpy as np
-from bentoml.validators import DType, Shape
+from bentoml.validators import ContentType, DType, Shape
 from pydantic import AllowInfNan, Discriminator, Field, RootModel, Strict, Tag, ValidationError
 
 # Written by flywheel.build into the build folder, so each built bento is immutable: it serves
@@ -32,6 +32,10 @@ BATCHING = (_override not in ("off", "0", "false", "no")) if _override else bool
 # answers 503 to a request that has waited this long in the queue.
 MAX_BATCH_SIZE = MAX_IMAGES
 MAX_LATENCY_MS = 1000
+
+# A declared media type: without it BentoML rebuilds the output's JSON schema on every response
+# to find one (12% of a one-row request's CPU, measured with py-spy).
+JSONAnswer = Annotated[dict, ContentType("application/json")]
 
 logger = logging.getLogger("bentoml.flywheel")
 
@@ -167,7 +171,7 @@ class ImagePredictor:
         return self._classify(images)
 
     @bentoml.api
-    async def predict(self, inputs: Inputs, ctx: bentoml.Context) -> dict:
+    async def predict(self, inputs: Inputs, ctx: bentoml.Context) -> JSONAnswer:
         started = time.perf_counter()
         incoming = ctx.request.headers.get("x-request-id", "")
         request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex

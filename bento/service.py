@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
+from bentoml.validators import ContentType
 import numpy as np
 from pydantic import AfterValidator, AllowInfNan, Discriminator, Field, RootModel, Strict, Tag, ValidationError
 
@@ -19,6 +20,10 @@ MODEL = json.loads(Path(__file__).with_name("flywheel_model.json").read_text())
 FEATURES: tuple[str, ...] = tuple(MODEL["features"])
 CLASSES: tuple[str, ...] = tuple(MODEL.get("classes") or ())
 MAX_ROWS = 1000
+
+# A declared media type: without it BentoML rebuilds the output's JSON schema on every response
+# to find one (12% of a one-row request's CPU, measured with py-spy).
+JSONAnswer = Annotated[dict, ContentType("application/json")]
 
 logger = logging.getLogger("bentoml.flywheel")
 
@@ -146,7 +151,7 @@ class Predictor:
         return [CLASSES[i] for i in indices]
 
     @bentoml.api
-    async def predict(self, inputs: Inputs, ctx: bentoml.Context) -> dict:
+    async def predict(self, inputs: Inputs, ctx: bentoml.Context) -> JSONAnswer:
         started = time.perf_counter()
         incoming = ctx.request.headers.get("x-request-id", "")
         request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
