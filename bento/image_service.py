@@ -1,24 +1,16 @@
 """BentoML service serving the one Keras image classifier named in the flywheel_model.json beside it."""
 
 import gc
-import json
-import logging
 import os
-import re
 import time
-import uuid
-from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import bentoml
 import numpy as np
-from bentoml.validators import ContentType, DType, Shape
-from pydantic import AllowInfNan, Discriminator, Field, RootModel, Strict, Tag, ValidationError
-
-# Written by flywheel.build into the build folder, so each built bento is immutable: it serves
-# exactly this model tag, never "latest".
-MODEL = json.loads(Path(__file__).with_name("flywheel_model.json").read_text())
+from bentoml.validators import DType, Shape
+from provenance import MODEL, JSONAnswer, answer  # beside this file in every build folder
+from pydantic import AllowInfNan, Discriminator, Field, RootModel, Strict, Tag
 HEIGHT, WIDTH = (int(s) for s in MODEL["image_shape"])
 MAX_VALUE = float(MODEL["max_value"])
 CLASSES: tuple[str, ...] = tuple(MODEL["classes"])
@@ -33,11 +25,6 @@ BATCHING = (_override not in ("off", "0", "false", "no")) if _override else bool
 MAX_BATCH_SIZE = MAX_IMAGES
 MAX_LATENCY_MS = 1000
 
-# A declared media type: without it BentoML rebuilds the output's JSON schema on every response
-# to find one (12% of a one-row request's CPU, measured with py-spy).
-JSONAnswer = Annotated[dict, ContentType("application/json")]
-
-logger = logging.getLogger("bentoml.flywheel")
 
 # Strict: "5" and true are not numbers. JSON ints pass (strict floats accept ints).
 Pixel = Annotated[float, Strict(), AllowInfNan(False), Field(ge=0, le=MAX_VALUE)]
@@ -80,30 +67,6 @@ Inputs = Annotated[list[Image], Field(min_length=1, max_length=MAX_IMAGES)]
 Batch = Annotated[np.ndarray, Shape((-1, HEIGHT, WIDTH)), DType("float32")]
 
 
-class _BadInputAsInfo(logging.Filter):
-    """BentoML logs every rejected request body at ERROR with a traceback; make it one INFO line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, ValidationError):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            where = " ".join(map(str, record.args)) if isinstance(record.args, tuple) else ""
-            record.msg, record.args = "rejected input %s: %s", (where, _first_error(exc))
-            record.exc_info = record.exc_text = None
-        return True
-
-
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors(include_url=False, include_input=False)[0]
-    return f"{'.'.join(map(str, error['loc']))}: {error['msg']} ({exc.error_count()} error(s))"
-
-
-logging.getLogger("bentoml._internal.server.http_app").addFilter(_BadInputAsInfo())
-
-# Echoed into a response header and the log, so only a plain token is accepted.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
 def _to_batch(inputs: list[Image]) -> np.ndarray:
     batch = np.empty((len(inputs), HEIGHT, WIDTH), dtype=np.float32)
     for i, image in enumerate(inputs):
@@ -144,15 +107,6 @@ class ImagePredictor:
             lambda x: self.model(x, training=False),
             input_signature=[tf.TensorSpec((None, HEIGHT, WIDTH), tf.float32)],
         )
-        self.headers = {
-            "X-Model-Name": MODEL["pipeline"],
-            "X-Model-Version": str(MODEL["version"]),
-            "X-Dataset-Version": MODEL["dataset"].get("etag") or "",
-        }
-        self.meta = {
-            "model": {"pipeline": MODEL["pipeline"], "name": MODEL["pipeline"], "version": str(MODEL["version"])},
-            "dataset": {key: MODEL["dataset"].get(key) for key in ("uri", "key", "etag", "version_id")},
-        }
         # Trace and warm the graph so the first request does not pay for it.
         self._classify(np.zeros((1, HEIGHT, WIDTH), dtype=np.float32))
         # Everything loaded so far lives as long as the process: freezing it keeps it out of
@@ -173,8 +127,6 @@ class ImagePredictor:
     @bentoml.api
     async def predict(self, inputs: Inputs, ctx: bentoml.Context) -> JSONAnswer:
         started = time.perf_counter()
-        incoming = ctx.request.headers.get("x-request-id", "")
-        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         batch = _to_batch(inputs)
         if BATCHING:
             # Through the service's own in-process client (set by BentoML at start-up): that call
@@ -184,14 +136,5 @@ class ImagePredictor:
         else:
             indices = await anyio.to_thread.run_sync(self._classify, batch)
         predictions = [CLASSES[int(i)] for i in np.asarray(indices).reshape(-1)]
-        ctx.response.headers.update(self.headers)
-        ctx.response.headers["X-Request-Id"] = request_id
-        logger.info(
-            "predict request_id=%s model=%s images=%d batching=%s ms=%.2f",
-            request_id,
-            MODEL["model_tag"],
-            len(inputs),
-            "on" if BATCHING else "off",
-            (time.perf_counter() - started) * 1000,
-        )
-        return {"predictions": predictions, **self.meta}
+        return answer(ctx, predictions, started, time.perf_counter(), images=len(inputs),
+                      batching="on" if BATCHING else "off")

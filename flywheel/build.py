@@ -40,6 +40,8 @@ class Serving:
     packages: tuple[str, ...]
 
 
+# Every service imports this module; it is copied beside the service into each build folder.
+SHARED_SOURCE = REPO_ROOT / "bento" / "provenance.py"
 SERVING = {
     "xgboost": Serving(REPO_ROOT / "bento" / "service.py", "Predictor", ("bentoml", "xgboost-cpu", "numpy", "pydantic")),
     "tensorflow": Serving(
@@ -274,7 +276,7 @@ def _bentofile(spec: dict[str, Any]) -> dict[str, Any]:
         "name": f"flywheel-{spec['pipeline']}",
         "description": f"Serves {spec['model_tag']} (MLflow model {spec['pipeline']} version {spec['version']}).",
         "labels": {"pipeline": spec["pipeline"], "mlflow-version": spec["version"], "framework": spec["framework"]},
-        "include": [serving.source.name, MODEL_FILE],
+        "include": [serving.source.name, SHARED_SOURCE.name, MODEL_FILE],
         # Pin the exact model tag: a reference to ":latest" once served the wrong version.
         "models": [spec["model_tag"]],
         # Locking resolves against the package index (5-6 s, and fails offline); we serve from
@@ -291,6 +293,7 @@ def _write_build_folder(folder: Path, spec: dict[str, Any]) -> Path:
     folder.mkdir(parents=True)
     source = SERVING[spec["framework"]].source
     shutil.copy2(source, folder / source.name)
+    shutil.copy2(SHARED_SOURCE, folder / SHARED_SOURCE.name)
     (folder / MODEL_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     bentofile = folder / "bentofile.yaml"
     bentofile.write_text(yaml.safe_dump(_bentofile(spec), sort_keys=False))
@@ -336,6 +339,9 @@ def build(pipeline_name: str, version: str) -> dict[str, Any]:
         logger.info("bento %s already built; reusing it", tag)
     else:
         bentofile = _write_build_folder(folder, spec)
+        # `reload` below re-imports the service module only; the shared module it imports would
+        # keep the first build's flywheel_model.json in this process.
+        sys.modules.pop(SHARED_SOURCE.stem, None)
         try:
             # In-process: 0.5 s, against 5 s for the `bentoml build` CLI, most of it imports.
             bentoml.bentos.build_bentofile(
