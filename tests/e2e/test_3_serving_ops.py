@@ -59,6 +59,14 @@ def test_prometheus_scrapes_bento_metrics_labelled_by_version(stack_settings):
     assert {r["name"] for g in rules for r in g["rules"]} >= {"flywheel:request_rate:1m", "FlywheelHighErrorRate"}
 
 
+def test_every_metric_dashboards_use_is_scraped(stack_settings):
+    """The names compose mode's Grafana dashboard may use (tests/unit/test_compose.py) are all live."""
+    from flywheel.serving_metrics import EXPORTED
+
+    names = set(httpx.get(f"{stack_settings.prometheus_url}/api/v1/label/__name__/values").json()["data"])
+    assert EXPORTED <= names, f"not scraped: {sorted(EXPORTED - names)}"
+
+
 def test_a_rollout_that_fails_its_smoke_test_keeps_the_old_one_serving(stack_settings):
     """A Bento that answers wrongly (it serves another version than it claims) never takes traffic."""
     live = deploy.current(stack_settings, "iris")

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from flywheel import runner, stack, topology
+from flywheel.serving_metrics import EXPORTED
 from flywheel.settings import GENERATED_SECRETS, REPO_ROOT, Ports, Settings
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -87,27 +88,10 @@ COMPOSE_SECRETS = ("POSTGRES_PASSWORD", "GF_SECURITY_ADMIN_PASSWORD", "GRAFANA_D
 REQUIRED = (*GENERATED_SECRETS, *COMPOSE_SECRETS)
 FILLED = {name: f"test-{name.lower().replace('_', '-')}" for name in REQUIRED}
 
-# Metrics the platform really exports. The embedded end-to-end test (tests/e2e,
-# test_upload_to_serving_ops) checks that Prometheus scrapes the Bento and Nginx ones from the live
-# stack; `up` is Prometheus' own, one per target; the flywheel:* recording rules are read from
-# services/prometheus/rules.yml.
-EXPORTED_METRICS = {
-    "bentoml_service_request_duration_seconds_bucket",
-    "bentoml_service_request_duration_seconds_sum",
-    "bentoml_service_request_duration_seconds_count",
-    "bentoml_service_request_total",
-    "bentoml_service_request_in_progress",
-    "bentoml_service_last_request_timestamp_seconds",
-    "nginx_up",
-    "nginx_connections_accepted",
-    "nginx_connections_active",
-    "nginx_connections_handled",
-    "nginx_connections_reading",
-    "nginx_connections_waiting",
-    "nginx_connections_writing",
-    "nginx_http_requests_total",
-    "up",
-}
+# Metrics the platform really exports: one list in flywheel/serving_metrics.py, which the embedded
+# end-to-end test (tests/e2e/test_3_serving_ops.py) checks against what Prometheus scrapes from the
+# live stack. The flywheel:* recording rules are read from services/prometheus/rules.yml.
+EXPORTED_METRICS = EXPORTED
 
 
 # --- reading docker-compose.yml as compose does ---------------------------------------------------
