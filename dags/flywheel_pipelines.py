@@ -19,7 +19,7 @@ import logging
 from airflow.sdk import DAG, Asset, task
 
 from flywheel import pipelines
-from flywheel.settings import REPO_ROOT
+from flywheel.settings import Settings
 
 START = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 # A rejected dataset fails at once (AirflowFailException); retries are for infrastructure hiccups.
@@ -101,7 +101,7 @@ def deploy_dag(p: pipelines.Pipeline) -> DAG:
     return dag
 
 
-_pipelines, _errors = pipelines.load_all(REPO_ROOT / "pipelines")
+_pipelines, _errors = pipelines.load_all(Settings.load().pipelines_dir)
 for _error in _errors:  # a broken pipeline file is reported and skipped; the others still load
     logging.getLogger(__name__).error("skipping pipeline: %s", _error)
 for _p in _pipelines:
