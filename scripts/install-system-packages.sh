@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Nginx, Prometheus and its Nginx exporter (and wrk for the benchmarks) come from Debian.
+# Nginx, Prometheus and its Nginx exporter come from Debian; so do wrk (benchmarks, the rollout
+# test) and docker-compose (the static check of compose mode: there is no Docker engine here).
 set -euo pipefail
 need=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v prometheus-nginx-exporter >/dev/null || need+=(prometheus-nginx-exporter)
 command -v wrk >/dev/null || need+=(wrk)
+command -v docker-compose >/dev/null || need+=(docker-compose)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "missing system packages; install them with:" >&2
