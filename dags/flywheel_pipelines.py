@@ -8,6 +8,10 @@ registered version and rolls it out blue/green behind Nginx, emitting the deploy
 
 Asset view:  s3://datasets/<p>  ->  train_<p>  ->  model://<p>/production  ->  deploy_<p>  ->  deployment://<p>/production
 
+Where the ML steps run is FLYWHEEL_RUNNER's choice (flywheel/runner.py): `local`, a subprocess in
+the ML venv (embedded mode); `docker`, a DockerOperator with the trainer image; `kubernetes`, a
+KubernetesPodOperator. The same step spec feeds all three.
+
 Parsing stays cheap: only YAML is read here; the work is in `flywheel.tasks`, imported when a task runs.
 """
 
@@ -18,12 +22,20 @@ import logging
 
 from airflow.sdk import DAG, Asset, task
 
-from flywheel import pipelines
+from flywheel import pipelines, runner
 from flywheel.settings import Settings
 
 START = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 # A rejected dataset fails at once (AirflowFailException); retries are for infrastructure hiccups.
 DEFAULT_ARGS = {"retries": 2, "retry_delay": datetime.timedelta(seconds=5)}
+SETTINGS = Settings.load()
+RUNNER = runner.backend()
+PLANNED = "ti.xcom_pull(task_ids='plan')"
+
+
+def ml_step(task_id: str, module: str, *args: str):
+    """A step in the trainer image (docker/kubernetes backends); args may pull XCom through Jinja."""
+    return runner.operator(RUNNER, runner.step(module, *args), SETTINGS, task_id)
 
 
 def train_dag(p: pipelines.Pipeline) -> DAG:
@@ -52,12 +64,19 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
 
             return tasks.train(p.name, validated, run_id)
 
+        @task(task_id="plan")
+        def plan_training(*, triggering_asset_events=None) -> dict:
+            from flywheel import tasks
+
+            return tasks.plan(p.name, triggering_asset_events)
+
         @task(outlets=[production_model])
-        def publish(trained: dict, *, outlet_events=None, run_id=None) -> dict:
+        def publish(trained, *, outlet_events=None, run_id=None) -> dict:
             from airflow.sdk.exceptions import AirflowSkipException
 
             from flywheel import tasks
 
+            trained = runner.result(trained)
             if not trained["promoted"]:
                 # No production event: nothing downstream is redeployed.
                 raise AirflowSkipException(f"v{trained['version']} not promoted: {trained['reason']}")
@@ -65,7 +84,16 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
             outlet_events[production_model].extra = extra
             return extra
 
-        publish(train(validate()))
+        if RUNNER == "local":
+            publish(train(validate()))
+        else:
+            checked = ml_step("validate", "validate", "--pipeline", p.name,
+                              "--dataset", f"{{{{ {PLANNED}['dataset'] | tojson }}}}", "--airflow-run", "{{ run_id }}")
+            trained = ml_step("train", "train", "--pipeline", p.name,
+                              "--dataset", f"{{{{ {PLANNED}['dataset'] | tojson }}}}",
+                              "--consumed", f"{{{{ {PLANNED}['consumed'] | tojson }}}}", "--airflow-run", "{{ run_id }}")
+            plan_training() >> checked >> trained
+            publish(trained.output)
     return dag
 
 
@@ -89,15 +117,26 @@ def deploy_dag(p: pipelines.Pipeline) -> DAG:
 
             return tasks.build(p.name, tasks.newest_production(triggering_asset_events))
 
-        @task(outlets=[deployment])
-        def rollout(built: dict, *, outlet_events=None) -> dict:
+        @task(task_id="plan")
+        def plan_deploy(*, triggering_asset_events=None) -> dict:
             from flywheel import tasks
 
-            extra = tasks.rollout(p.name, built)
+            return tasks.newest_production(triggering_asset_events)
+
+        @task(outlets=[deployment])
+        def rollout(built, *, outlet_events=None) -> dict:
+            from flywheel import tasks
+
+            extra = tasks.rollout(p.name, runner.result(built))
             outlet_events[deployment].extra = extra
             return extra
 
-        rollout(build())
+        if RUNNER == "local":
+            rollout(build())
+        else:
+            built = ml_step("build", "build", "--pipeline", p.name, "--version", f"{{{{ {PLANNED}['version'] }}}}")
+            plan_deploy() >> built
+            rollout(built.output)
     return dag
 
 

@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from flywheel.runner import emit
 from flywheel.settings import REPO_ROOT, Settings
 
 logger = logging.getLogger("flywheel.build")
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as exc:
         print(f"flywheel.build: error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result), flush=True)
+    emit(result)
     return 0
 
 

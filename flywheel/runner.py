@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 from collections import deque
@@ -19,6 +18,20 @@ from flywheel.settings import Settings
 
 BACKENDS = ("local", "docker", "kubernetes")
 TRAINER_IMAGE = "flywheel/trainer:latest"  # built from services/trainer/Dockerfile
+
+
+RESULT_FILE_ENV = "FLYWHEEL_RESULT_FILE"
+KUBERNETES_XCOM = "/airflow/xcom/return.json"  # where KubernetesPodOperator's sidecar reads XCom
+
+
+def emit(result: dict) -> None:
+    """A step's result: one JSON line, last on stdout (local runner, DockerOperator's XCom), and
+    the file FLYWHEEL_RESULT_FILE names, if any (KubernetesPodOperator's XCom)."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if path := os.environ.get(RESULT_FILE_ENV):
+        with open(path, "w") as f:
+            f.write(line)
 
 
 class StepFailed(RuntimeError):
@@ -81,9 +94,37 @@ def operator_kwargs(backend: str, spec: StepSpec, settings: Settings, task_id: s
                 "network_mode": "flywheel", "auto_remove": "success", "do_xcom_push": True, "xcom_all": False,
                 "mount_tmp_dir": False}
     if backend == "kubernetes":
-        # The pod writes its result where the xcom sidecar reads it.
-        script = shlex.join(spec.command()) + " | tee /dev/stderr | tail -n 1 > /airflow/xcom/return.json"
+        # No shell between Airflow's templating and the step: arguments stay exactly as rendered.
+        command = spec.command()
         return {"task_id": task_id, "name": task_id.replace("_", "-"), "image": image,
-                "cmds": ["sh", "-c"], "arguments": [script], "env_vars": env, "do_xcom_push": True,
-                "get_logs": True, "on_finish_action": "delete_succeeded_pod"}
+                "cmds": command[:3], "arguments": command[3:], "env_vars": {**env, RESULT_FILE_ENV: KUBERNETES_XCOM},
+                "do_xcom_push": True, "get_logs": True, "on_finish_action": "delete_succeeded_pod"}
     raise ValueError(f"unknown runner backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def backend() -> str:
+    """The configured backend: FLYWHEEL_RUNNER, `local` unless compose or Kubernetes set it."""
+    name = os.environ.get("FLYWHEEL_RUNNER", "local")
+    if name not in BACKENDS:
+        raise ValueError(f"FLYWHEEL_RUNNER is {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def operator(backend_name: str, spec: StepSpec, settings: Settings, task_id: str, image: str = TRAINER_IMAGE):
+    """The Airflow operator that runs `spec` in the trainer image (docker or kubernetes backend).
+
+    Its arguments may hold Jinja (`{{ ti.xcom_pull(...) }}`): both operators template them.
+    """
+    kwargs = operator_kwargs(backend_name, spec, settings, task_id, image)
+    if backend_name == "docker":
+        from airflow.providers.docker.operators.docker import DockerOperator
+
+        return DockerOperator(**kwargs)
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    return KubernetesPodOperator(**kwargs)
+
+
+def result(value) -> dict:
+    """A step's result as the next task receives it: a dict (local) or its JSON line (operators)."""
+    return json.loads(value) if isinstance(value, str) else value

@@ -21,8 +21,8 @@ def _extras(triggering_asset_events) -> list[dict]:
     return [dict(e.extra) for e in sorted(found, key=lambda e: e.timestamp)]
 
 
-def validate(pipeline_name: str, triggering_asset_events, airflow_run: str = "") -> dict:
-    """Pick the newest upload among the events consumed, record them all, validate it."""
+def plan(pipeline_name: str, triggering_asset_events) -> dict:
+    """Pick the newest upload among the events this run consumed, and record them all."""
     consumed = [e for e in _extras(triggering_asset_events) if "key" in e]
     if not consumed:
         raise ValueError(f"train_{pipeline_name} needs a dataset event: upload a file under datasets/{pipeline_name}/")
@@ -31,6 +31,13 @@ def validate(pipeline_name: str, triggering_asset_events, airflow_run: str = "")
     dataset = events.newest(consumed)
     if len(consumed) > 1:
         log.info("%d uploads folded into this run: training on the newest, %s", len(consumed), dataset["key"])
+    return {"dataset": dataset, "consumed": consumed}
+
+
+def validate(pipeline_name: str, triggering_asset_events, airflow_run: str = "") -> dict:
+    """Plan, then validate the chosen upload in the ML environment (the local runner)."""
+    planned = plan(pipeline_name, triggering_asset_events)
+    dataset, consumed = planned["dataset"], planned["consumed"]
     settings = Settings.load()
     try:
         result = run_step(settings, "validate", "--pipeline", pipeline_name, "--dataset", json.dumps(dataset),

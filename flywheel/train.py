@@ -11,6 +11,7 @@ import numpy as np
 from flywheel import data, frameworks, gate, pipelines, registry
 from flywheel.errors import DatasetInvalid
 from flywheel.pipelines import Pipeline
+from flywheel.runner import emit
 from flywheel.settings import Settings
 from flywheel.validate import Dataset, load_dataset
 
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetInvalid as exc:
         print(f"INVALID DATASET {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    emit(result)
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from flywheel import data, pipelines
 from flywheel.errors import DatasetInvalid
 from flywheel.pipelines import Pipeline
+from flywheel.runner import emit
 from flywheel.settings import Settings
 
 __all__ = ["DatasetInvalid", "Dataset", "check_table", "load_dataset", "main"]
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"INVALID DATASET {exc}", file=sys.stderr, flush=True)
         record_rejection(pipeline, ref, str(exc), args.airflow_run)
         return 2
-    print(json.dumps({"dataset": ref.as_dict(), "rows": len(dataset), "valid": True}))
+    emit({"dataset": ref.as_dict(), "rows": len(dataset), "valid": True})
     return 0
 
 

@@ -1,6 +1,5 @@
 """The runner: one step spec, three backends."""
 
-import shlex
 import sys
 
 import pytest
@@ -29,12 +28,34 @@ def test_docker_backend_runs_the_same_command_in_the_trainer_image(settings):
     assert kwargs["do_xcom_push"] and not kwargs["xcom_all"]
 
 
-def test_kubernetes_backend_quotes_the_json_argument(settings):
+def test_kubernetes_backend_passes_arguments_unquoted_and_writes_xcom(settings):
     kwargs = runner.operator_kwargs("kubernetes", SPEC, settings, "train_iris")
-    script = kwargs["arguments"][0]
-    assert shlex.split(script)[: len(SPEC.command())] == SPEC.command()
-    assert script.endswith("> /airflow/xcom/return.json")
+    assert kwargs["cmds"] + kwargs["arguments"] == SPEC.command()  # no shell: Jinja renders them as given
+    assert kwargs["env_vars"][runner.RESULT_FILE_ENV] == "/airflow/xcom/return.json"
     assert kwargs["name"] == "train-iris"
+
+
+def test_emit_prints_the_result_and_writes_the_result_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(runner.RESULT_FILE_ENV, str(tmp_path / "return.json"))
+    runner.emit({"version": "3"})
+    assert capsys.readouterr().out == '{"version": "3"}\n'
+    assert (tmp_path / "return.json").read_text() == '{"version": "3"}'
+
+
+@pytest.mark.parametrize("backend", ["docker", "kubernetes"])
+def test_dags_wire_the_configured_backend(backend, monkeypatch):
+    """The same DAG file, with FLYWHEEL_RUNNER set, runs the ML steps as operators of that backend."""
+    import subprocess
+
+    from flywheel.settings import REPO_ROOT
+
+    code = ("import sys; sys.path.insert(0, 'dags'); import flywheel_pipelines as m;"
+            "print(sorted(t.task_id + ':' + type(t).__name__ for t in m.train_iris.tasks + m.deploy_iris.tasks))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "FLYWHEEL_RUNNER": backend}).stdout
+    operator = {"docker": "DockerOperator", "kubernetes": "KubernetesPodOperator"}[backend]
+    for step in ("validate", "train", "build"):
+        assert f"'{step}:{operator}'" in out
 
 
 def test_unknown_backend_is_refused(settings):
