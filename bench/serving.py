@@ -40,7 +40,8 @@ def pin(pid: int, cpu: int) -> None:
 
 def ensure_deployed(settings: Settings, pipeline: str) -> deploy.Deployment:
     if deploy.current(settings, pipeline) is None:
-        sample = cli.make_sample(settings, pipeline, settings.state / "samples" / f"{pipeline}.npz")
+        suffix = {"iris": "csv", "digits": "npz"}[pipeline]
+        sample = cli.make_sample(settings, pipeline, settings.state / "samples" / f"{pipeline}.{suffix}")
         cli.upload(settings, sample, pipeline)
         cli.wait_for_new_version(settings, pipeline, BODIES[pipeline]["inputs"][0], None)
         time.sleep(5)
