@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,13 +10,13 @@ from pathlib import Path
 import httpx
 
 from flywheel import pipelines, stack
+from flywheel.metrics import SMOKE_ARTIFACT, score
 from flywheel.mlflow_api import MlflowAPI
 from flywheel.pipelines import Pipeline
 from flywheel.settings import Settings
 
 COLOURS = ("blue", "green")
 DRAIN_SECONDS = 2.0
-SMOKE_ARTIFACT = "smoke/holdout.json"  # logged by flywheel.train
 
 
 class DeployFailed(RuntimeError):
@@ -81,19 +80,6 @@ def _start_program(settings: Settings, program: str, bento_tag: str, port: int) 
 SMOKE_TOLERANCE = 0.02
 
 
-def replay_score(metric: str, predicted: list, truth: list) -> float:
-    """The training step's metrics, in plain Python (Airflow's environment has no numpy)."""
-    if metric == "accuracy":
-        return sum(str(p) == str(t) for p, t in zip(predicted, truth)) / len(truth)
-    errors = [float(p) - float(t) for p, t in zip(predicted, truth)]
-    if metric == "rmse":
-        return math.sqrt(sum(e * e for e in errors) / len(errors))
-    if metric == "mae":
-        return sum(abs(e) for e in errors) / len(errors)
-    mean = sum(float(t) for t in truth) / len(truth)
-    return 1 - sum(e * e for e in errors) / sum((float(t) - mean) ** 2 for t in truth)
-
-
 def smoke_test(url: str, version: str, smoke: dict, chunk: int = 100) -> float:
     """Replay the stored holdout rows through the server; its score must match the recorded one."""
     predicted = []
@@ -106,7 +92,7 @@ def smoke_test(url: str, version: str, smoke: dict, chunk: int = 100) -> float:
         if served != str(version):
             raise DeployFailed(f"smoke test: the server answers as v{served}, expected v{version}")
         predicted.extend(body["predictions"])
-    got = replay_score(smoke["metric"], predicted, smoke["truth"])
+    got = score(smoke["metric"], predicted, smoke["truth"])
     recorded = smoke["recorded"]
     allowed = SMOKE_TOLERANCE * max(1.0, abs(recorded)) if smoke["metric"] in ("rmse", "mae") else SMOKE_TOLERANCE
     if abs(got - recorded) > allowed:

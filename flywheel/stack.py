@@ -57,12 +57,12 @@ def _quote(arg: str) -> str:
 
 
 def program(name: str, command: list[str], logs: Path, env: dict[str, str] | None = None,
-            priority: int = 100, autostart: bool = True) -> list[str]:
+            priority: int = 100) -> list[str]:
     lines = [
         f"[program:{name}]",
         "command=" + " ".join(_quote(a) for a in command),
         f"priority={priority}",
-        f"autostart={'true' if autostart else 'false'}",
+        "autostart=true",
         "autorestart=true",
         "startsecs=2",
         "startretries=5",

@@ -9,25 +9,12 @@ import sys
 import numpy as np
 
 from flywheel import data, frameworks, gate, pipelines, registry
+from flywheel.metrics import SMOKE_ARTIFACT, score
 from flywheel.errors import DatasetInvalid
 from flywheel.pipelines import Pipeline
 from flywheel.runner import emit
 from flywheel.settings import Settings
 from flywheel.validate import Dataset, load_dataset
-
-
-def score(metric: str, predicted: np.ndarray, truth: np.ndarray) -> float:
-    if metric == "accuracy":
-        return float(np.mean(np.asarray(predicted).astype(str) == np.asarray(truth).astype(str)))
-    errors = np.asarray(predicted, dtype=float) - np.asarray(truth, dtype=float)
-    if metric == "rmse":
-        return float(np.sqrt(np.mean(errors**2)))
-    if metric == "mae":
-        return float(np.mean(np.abs(errors)))
-    if metric == "r2":
-        truth = np.asarray(truth, dtype=float)
-        return float(1 - np.sum(errors**2) / np.sum((truth - truth.mean()) ** 2))
-    raise ValueError(f"unknown metric {metric!r}")
 
 
 def holdout_mask(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -55,7 +42,6 @@ def split(pipeline: Pipeline, dataset: Dataset, holdout: Dataset | None):
     return dataset.x[~mask], dataset.y[~mask], dataset.x[mask], dataset.y[mask]
 
 
-SMOKE_ARTIFACT = "smoke/holdout.json"
 SMOKE_ROWS = 200
 
 

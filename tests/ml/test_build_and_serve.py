@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from bento_server import serve
 
 pytest.importorskip("bentoml")
 pytest.importorskip("mlflow")
@@ -97,51 +98,11 @@ def built(registry):
     return build(PIPELINE, registry["version"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(registry, built):
-    port = _free_port()
     log_path = registry["root"] / "serve.log"
-    env = {**os.environ, **registry["env"]}
-    command = [sys.executable, "-m", "bentoml", "serve", built["bento_tag"], "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("wb") as log:
-        # Its own session, so teardown can stop the server and its worker processes together.
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        started = time.perf_counter()
-        with httpx.Client(base_url=url, timeout=5) as client:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-                if time.perf_counter() - started > READY_TIMEOUT_S:
-                    pytest.fail(f"bentoml serve not ready in {READY_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-            print(f"bentoml serve ready in {time.perf_counter() - started:.1f}s", file=sys.stderr)
-            yield {"client": client, "log": log_path, "registry": registry}
-    finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
+    with serve(built["bento_tag"], registry["env"], log_path, READY_TIMEOUT_S, client_timeout=5) as (client, _):
+        yield {"client": client, "log": log_path, "registry": registry}
 
 
 def _predict(client: httpx.Client, body, **kwargs) -> httpx.Response:

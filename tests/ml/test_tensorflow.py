@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
+from bento_server import serve
 
 pytest.importorskip("tensorflow")
 pytest.importorskip("bentoml")
@@ -226,51 +227,12 @@ def test_build_rejects_tags_that_disagree_with_the_model(registry, built):
 # ---- serve --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
-
-
 @pytest.fixture(scope="module")
 def server(registry, built):
-    port = _free_port()
     log_path = registry.root / "serve.log"
-    env = {**os.environ, **registry.env}
-    env["FLYWHEEL_BATCHING"] = "on"  # exercise adaptive batching (digits ships with it off, measured)
-    command = [sys.executable, "-m", "bentoml", "serve", built["bento_tag"], "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("wb") as log:
-        # Its own session, so teardown can stop the server and its worker processes together.
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        started = time.perf_counter()
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-                if time.perf_counter() - started > READY_TIMEOUT_S:
-                    pytest.fail(f"bentoml serve not ready in {READY_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-            print(f"bentoml serve ready in {time.perf_counter() - started:.1f}s", file=sys.stderr)
-            yield SimpleNamespace(client=client, url=f"http://127.0.0.1:{port}", log=log_path, registry=registry)
-    finally:
-        _stop(proc)
+    env = {**registry.env, "FLYWHEEL_BATCHING": "on"}  # exercise adaptive batching (digits ships with it off, measured)
+    with serve(built["bento_tag"], env, log_path, READY_TIMEOUT_S) as (client, url):
+        yield SimpleNamespace(client=client, url=url, log=log_path, registry=registry)
 
 
 def _predict(client: httpx.Client, body, **kwargs) -> httpx.Response:

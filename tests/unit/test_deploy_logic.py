@@ -1,18 +1,24 @@
-"""Deploy's pure parts: replaying the holdout score, colours and ports."""
+"""Deploy's pure parts: the score a holdout replay is judged by, colours and ports."""
 
 import pytest
 
 from flywheel import deploy
+from flywheel.metrics import score
 
 
 def test_replay_accuracy_compares_labels_as_text():
-    assert deploy.replay_score("accuracy", ["3", "1", "2"], [3, 1, 0]) == pytest.approx(2 / 3)
+    assert score("accuracy", ["3", "1", "2"], [3, 1, 0]) == pytest.approx(2 / 3)
 
 
 def test_replay_regression_metrics():
-    assert deploy.replay_score("rmse", [1.0, 3.0], [2.0, 2.0]) == pytest.approx(1.0)
-    assert deploy.replay_score("mae", [1.0, 4.0], [2.0, 2.0]) == pytest.approx(1.5)
-    assert deploy.replay_score("r2", [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    assert score("rmse", [1.0, 3.0], [2.0, 2.0]) == pytest.approx(1.0)
+    assert score("mae", [1.0, 4.0], [2.0, 2.0]) == pytest.approx(1.5)
+    assert score("r2", [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(1.0)
+
+
+def test_unknown_metric_is_refused():
+    with pytest.raises(ValueError, match="unknown metric"):
+        score("auc", [1], [1])
 
 
 def test_program_names_carry_pipeline_and_colour():
