@@ -12,7 +12,7 @@ ML := .venv/ml
 MINIO_PINNED := .cache/bin/minio-$(MINIO_VERSION)
 FLYWHEEL := $(PLATFORM)/bin/flywheel
 
-.PHONY: install system-packages demo up down status test test-unit test-ml test-e2e bench clean
+.PHONY: install system-packages demo up down status lint test test-unit test-ml test-e2e bench clean
 
 install: system-packages $(PLATFORM)/.installed $(ML)/.installed .cache/bin/minio
 
@@ -61,7 +61,12 @@ down:
 status:
 	$(FLYWHEEL) status
 
-test: install
+# ruff, configured in pyproject.toml: lint and formatting both must be clean.
+lint: $(PLATFORM)/.installed
+	$(PLATFORM)/bin/ruff check .
+	$(PLATFORM)/bin/ruff format --check .
+
+test: install lint
 	$(ML)/bin/python -m pytest tests/ml
 	$(PLATFORM)/bin/python -m pytest tests --ignore=tests/ml
 

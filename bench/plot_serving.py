@@ -6,11 +6,12 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def main(source: str, target: str) -> None:
-    results = json.loads(open(source).read())
+    with open(source) as f:
+        results = json.load(f)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, model in results["models"].items():
         for path in ("direct", "nginx", "direct_batching_off"):

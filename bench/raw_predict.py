@@ -50,8 +50,16 @@ def main() -> None:
         call()
         latencies.append(time.perf_counter() - started)
     lat = np.array(latencies) * 1e6
-    print(json.dumps({"rps": len(lat) / lat.sum() * 1e6, "p50_us": float(np.percentile(lat, 50)),
-                      "p99_us": float(np.percentile(lat, 99)), "requests": len(lat)}))
+    print(
+        json.dumps(
+            {
+                "rps": len(lat) / lat.sum() * 1e6,
+                "p50_us": float(np.percentile(lat, 50)),
+                "p99_us": float(np.percentile(lat, 99)),
+                "requests": len(lat),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

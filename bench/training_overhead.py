@@ -66,8 +66,12 @@ def cnn_epoch_seconds(epochs: int = 10) -> float:
     x, y = samples.digits()
     tf_framework.fit(digits, x[:100].astype("float32"), y[:100], 10)  # warm up: graph building
     started = time.perf_counter()
-    tf_framework.fit(digits.__class__(**{**digits.__dict__, "params": {**digits.params, "epochs": epochs}}),
-                     x.astype("float32"), y, 10)
+    tf_framework.fit(
+        digits.__class__(**{**digits.__dict__, "params": {**digits.params, "epochs": epochs}}),
+        x.astype("float32"),
+        y,
+        10,
+    )
     return (time.perf_counter() - started) / epochs
 
 
@@ -94,10 +98,21 @@ def main() -> None:
         train.run(settings, pipeline, ref, [])
         results["platform"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "flywheel.train", "--pipeline", "synthetic",
-                        "--dataset", json.dumps({"bucket": ref.bucket, "key": ref.key, "etag": ref.etag,
-                                                 "version_id": ref.version_id})],
-                       env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flywheel.train",
+                "--pipeline",
+                "synthetic",
+                "--dataset",
+                json.dumps({"bucket": ref.bucket, "key": ref.key, "etag": ref.etag, "version_id": ref.version_id}),
+            ],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         results["step"].append(time.perf_counter() - started)
         print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in results.items()), flush=True)
     medians = {k: statistics.median(v) for k, v in results.items()}

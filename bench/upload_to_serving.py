@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -54,9 +53,16 @@ def main() -> None:
         times.append(time.monotonic() - started)
         print(f"run {i + 1}: v{before} -> v{version} in {times[-1]:.1f}s", flush=True)
     memory, processes = stack_memory_mib(settings)
-    print(json.dumps({"upload_to_serving_s": [round(t, 1) for t in times],
-                      "median_s": round(statistics.median(times), 1),
-                      "stack_pss_mib": round(memory), "processes": processes}))
+    print(
+        json.dumps(
+            {
+                "upload_to_serving_s": [round(t, 1) for t in times],
+                "median_s": round(statistics.median(times), 1),
+                "stack_pss_mib": round(memory),
+                "processes": processes,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

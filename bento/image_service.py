@@ -11,6 +11,7 @@ import numpy as np
 from bentoml.validators import DType, Shape
 from provenance import MODEL, JSONAnswer, answer  # beside this file in every build folder
 from pydantic import AllowInfNan, Discriminator, Field, RootModel, Strict, Tag
+
 HEIGHT, WIDTH = (int(s) for s in MODEL["image_shape"])
 MAX_VALUE = float(MODEL["max_value"])
 CLASSES: tuple[str, ...] = tuple(MODEL["classes"])
@@ -136,5 +137,6 @@ class ImagePredictor:
         else:
             indices = await anyio.to_thread.run_sync(self._classify, batch)
         predictions = [CLASSES[int(i)] for i in np.asarray(indices).reshape(-1)]
-        return answer(ctx, predictions, started, time.perf_counter(), images=len(inputs),
-                      batching="on" if BATCHING else "off")
+        return answer(
+            ctx, predictions, started, time.perf_counter(), images=len(inputs), batching="on" if BATCHING else "off"
+        )

@@ -45,8 +45,9 @@ def answer(ctx, predictions: list, started: float, now: float, **log_fields) -> 
     ctx.response.headers.update(HEADERS)
     ctx.response.headers["X-Request-Id"] = request_id
     fields = " ".join(f"{k}={v}" for k, v in log_fields.items())
-    logger.info("predict request_id=%s model=%s %s ms=%.2f", request_id, MODEL["model_tag"], fields,
-                (now - started) * 1000)
+    logger.info(
+        "predict request_id=%s model=%s %s ms=%.2f", request_id, MODEL["model_tag"], fields, (now - started) * 1000
+    )
     return {"predictions": predictions, **META}
 
 

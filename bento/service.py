@@ -9,6 +9,7 @@ import bentoml
 import numpy as np
 from provenance import MODEL, JSONAnswer, answer  # beside this file in every build folder
 from pydantic import AfterValidator, AllowInfNan, Discriminator, Field, RootModel, Strict, Tag
+
 FEATURES: tuple[str, ...] = tuple(MODEL["features"])
 CLASSES: tuple[str, ...] = tuple(MODEL.get("classes") or ())
 MAX_ROWS = 1000

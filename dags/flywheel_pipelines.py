@@ -25,7 +25,7 @@ from airflow.sdk import DAG, Asset, task
 from flywheel import pipelines, runner
 from flywheel.settings import Settings
 
-START = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+START = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 # A rejected dataset fails at once (AirflowFailException); retries are for infrastructure hiccups.
 DEFAULT_ARGS = {"retries": 2, "retry_delay": datetime.timedelta(seconds=5)}
 SETTINGS = Settings.load()
@@ -87,11 +87,28 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
         if RUNNER == "local":
             publish(train(validate()))
         else:
-            checked = ml_step("validate", "validate", "--pipeline", p.name,
-                              "--dataset", f"{{{{ {PLANNED}['dataset'] | tojson }}}}", "--airflow-run", "{{ run_id }}")
-            trained = ml_step("train", "train", "--pipeline", p.name,
-                              "--dataset", f"{{{{ {PLANNED}['dataset'] | tojson }}}}",
-                              "--consumed", f"{{{{ {PLANNED}['consumed'] | tojson }}}}", "--airflow-run", "{{ run_id }}")
+            checked = ml_step(
+                "validate",
+                "validate",
+                "--pipeline",
+                p.name,
+                "--dataset",
+                f"{{{{ {PLANNED}['dataset'] | tojson }}}}",
+                "--airflow-run",
+                "{{ run_id }}",
+            )
+            trained = ml_step(
+                "train",
+                "train",
+                "--pipeline",
+                p.name,
+                "--dataset",
+                f"{{{{ {PLANNED}['dataset'] | tojson }}}}",
+                "--consumed",
+                f"{{{{ {PLANNED}['consumed'] | tojson }}}}",
+                "--airflow-run",
+                "{{ run_id }}",
+            )
             plan_training() >> checked >> trained
             publish(trained.output)
     return dag

@@ -44,7 +44,9 @@ class Serving:
 # Every service imports this module; it is copied beside the service into each build folder.
 SHARED_SOURCE = REPO_ROOT / "bento" / "provenance.py"
 SERVING = {
-    "xgboost": Serving(REPO_ROOT / "bento" / "service.py", "Predictor", ("bentoml", "xgboost-cpu", "numpy", "pydantic")),
+    "xgboost": Serving(
+        REPO_ROOT / "bento" / "service.py", "Predictor", ("bentoml", "xgboost-cpu", "numpy", "pydantic")
+    ),
     "tensorflow": Serving(
         REPO_ROOT / "bento" / "image_service.py",
         "ImagePredictor",
@@ -204,7 +206,10 @@ def _store_booster(spec: dict[str, Any], tag: str, where: str) -> None:
     if not isinstance(booster, xgboost.Booster):
         booster = booster.get_booster()
     _check_booster(booster, spec)
-    info = {key: spec[key] for key in ("pipeline", "version", "framework", "task", "features", "classes", "dataset", "run_id")}
+    info = {
+        key: spec[key]
+        for key in ("pipeline", "version", "framework", "task", "features", "classes", "dataset", "run_id")
+    }
     info["xgboost_version"] = xgboost.__version__
     # Not bentoml.xgboost.save_model: that looks up the "xgboost" distribution's version and
     # fails when xgboost-cpu is what provides the package.
@@ -237,7 +242,9 @@ def _listed(refs: list) -> list:
 def _check_keras(input_shape: list | None, units: int | None, spec: dict[str, Any], where: str) -> None:
     """Catch a model that disagrees with its own tags now, not on the first request."""
     if input_shape is not None and list(input_shape[1:]) != list(spec["image_shape"]):
-        raise BuildError(f"{where}: the model takes images of shape {input_shape[1:]} but the tag says {spec['image_shape']}")
+        raise BuildError(
+            f"{where}: the model takes images of shape {input_shape[1:]} but the tag says {spec['image_shape']}"
+        )
     if units is not None and units != len(spec["classes"]):
         raise BuildError(f"{where}: the model predicts {units} classes but the tag lists {spec['classes']}")
 
@@ -245,20 +252,39 @@ def _check_keras(input_shape: list | None, units: int | None, spec: dict[str, An
 def _store_keras(spec: dict[str, Any], tag: str, where: str) -> None:
     import mlflow.artifacts
 
-    info = {key: spec[key] for key in ("pipeline", "version", "framework", "task", "image_shape", "max_value", "classes", "dataset", "run_id")}
+    info = {
+        key: spec[key]
+        for key in (
+            "pipeline",
+            "version",
+            "framework",
+            "task",
+            "image_shape",
+            "max_value",
+            "classes",
+            "dataset",
+            "run_id",
+        )
+    }
     with tempfile.TemporaryDirectory(prefix="flywheel-build-") as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(f"models:/{spec['pipeline']}/{spec['version']}", dst_path=tmp))
+            local = Path(
+                mlflow.artifacts.download_artifacts(f"models:/{spec['pipeline']}/{spec['version']}", dst_path=tmp)
+            )
         except Exception as exc:
             raise BuildError(f"could not download {where} from MLflow: {exc}") from exc
         # Both MLflow flavors that hold a Keras 3 model (tensorflow, keras) keep it in this file.
         keras_file = local / "data" / KERAS_FILE
         if not keras_file.is_file():
-            raise BuildError(f"{where} has no data/{KERAS_FILE}: not a Keras 3 model as flywheel.frameworks.tensorflow logs it")
+            raise BuildError(
+                f"{where} has no data/{KERAS_FILE}: not a Keras 3 model as flywheel.frameworks.tensorflow logs it"
+            )
         input_shape, units = _keras_io(keras_file)
         if input_shape is None or units is None:
             # Not the functional layout our CNN has; the smoke test still proves it serves.
-            logger.warning("%s: cannot read input shape and classes from %s; not checked against the tags", where, KERAS_FILE)
+            logger.warning(
+                "%s: cannot read input shape and classes from %s; not checked against the tags", where, KERAS_FILE
+            )
         _check_keras(input_shape, units, spec, where)
         # The very file MLflow holds: no TensorFlow import (10+ s here) to load and re-save it.
         _store(spec, tag, info, lambda model: shutil.copyfile(keras_file, model.path_of(KERAS_FILE)))

@@ -50,8 +50,10 @@ def cmd_status(settings: Settings, args) -> int:
         d = deploy.current(settings, p.name)
         served = f"v{d.version} ({d.colour})" if d else "nothing deployed yet"
         m = stats.get(p.name, {})
-        print(f"{p.name:<10} {served:<28} {_fmt(m.get('rps'), '.1f'):>8} {_fmt(m.get('error_rate'), '.1%'):>8} "
-              f"{_fmt(m.get('p99_ms'), '.1f'):>8}")
+        print(
+            f"{p.name:<10} {served:<28} {_fmt(m.get('rps'), '.1f'):>8} {_fmt(m.get('error_rate'), '.1%'):>8} "
+            f"{_fmt(m.get('p99_ms'), '.1f'):>8}"
+        )
     return 0 if all(r["state"] == "RUNNING" and r["healthy"] is not False for r in rows) else 1
 
 
@@ -67,8 +69,10 @@ def cmd_rollback(settings: Settings, args) -> int:
     except deploy.RollbackImpossible as exc:
         _say(f"error: {exc}")
         return 1
-    _say(f"{args.pipeline}: production is v{extra['version']} again ({extra['reason']}); deploy_{args.pipeline} "
-         "rolls it out now")
+    _say(
+        f"{args.pipeline}: production is v{extra['version']} again ({extra['reason']}); deploy_{args.pipeline} "
+        "rolls it out now"
+    )
     if args.wait:
         row = json.loads(args.wait)
         version = wait_for_new_version(settings, args.pipeline, row, str(extra["rollback_from"]))
@@ -108,8 +112,9 @@ def served_version(settings: Settings, pipeline: str, row: list) -> str | None:
     return r.json()["model"]["version"] if r.status_code == 200 else None
 
 
-def wait_for_new_version(settings: Settings, pipeline: str, row: list, before: str | None,
-                         timeout: float = 600, progress=_say) -> str:
+def wait_for_new_version(
+    settings: Settings, pipeline: str, row: list, before: str | None, timeout: float = 600, progress=_say
+) -> str:
     """Poll /predict (and show the DAG runs' progress) until a version other than `before` answers."""
     from flywheel.airflow_api import AirflowAPI
 
@@ -130,8 +135,10 @@ def wait_for_new_version(settings: Settings, pipeline: str, row: list, before: s
         if version is not None and version != before:
             return version
         time.sleep(1)
-    raise TimeoutError(f"no new {pipeline} version served within {timeout:.0f}s (still {before}); "
-                       f"see the DAG runs at {settings.airflow_url}")
+    raise TimeoutError(
+        f"no new {pipeline} version served within {timeout:.0f}s (still {before}); "
+        f"see the DAG runs at {settings.airflow_url}"
+    )
 
 
 def make_sample(settings: Settings, name: str, output: Path, seed: int | None = None) -> Path:
@@ -165,15 +172,18 @@ def cmd_demo(settings: Settings, args) -> int:
 def print_urls(settings: Settings) -> None:
     s = settings
     p = s.ports
-    print(f"""
+    print(
+        f"""
   Predict     curl -s -X POST {s.predict_url}/predict -H 'content-type: application/json' \\
                    -d '{{"inputs": [[5.1, 3.5, 1.4, 0.2]]}}'
-  MinIO       {s.url(p.minio_console)}   (user/password: MINIO_ROOT_USER / MINIO_ROOT_PASSWORD in {s.repo / '.env'})
+  MinIO       {s.url(p.minio_console)}   (user/password: MINIO_ROOT_USER / MINIO_ROOT_PASSWORD in {s.repo / ".env"})
   Airflow     {s.airflow_url}   (user admin, password: AIRFLOW_ADMIN_PASSWORD in .env)
   MLflow      {s.mlflow_url}
   Prometheus  {s.prometheus_url}
   Logs        {s.logs}/
-""", flush=True)
+""",
+        flush=True,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_upload)
     p = sub.add_parser("rollback", help="put the `previous` model version back into production and serve it")
     p.add_argument("pipeline")
-    p.add_argument("--wait", metavar="ROW", help='wait until a prediction for this JSON row names the rolled-back version')
+    p.add_argument(
+        "--wait", metavar="ROW", help="wait until a prediction for this JSON row names the rolled-back version"
+    )
     p.set_defaults(func=cmd_rollback)
     p = sub.add_parser("predict", help="POST rows to /predict through Nginx")
     p.add_argument("rows", help='JSON list of rows, e.g. "[[5.1, 3.5, 1.4, 0.2]]"')

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 from minio import Minio
@@ -32,7 +31,13 @@ class DatasetRef:
         return cls(extra["bucket"], extra["key"], extra.get("etag", ""), extra.get("version_id", ""))
 
     def as_dict(self) -> dict:
-        return {"uri": self.uri, "bucket": self.bucket, "key": self.key, "etag": self.etag, "version_id": self.version_id}
+        return {
+            "uri": self.uri,
+            "bucket": self.bucket,
+            "key": self.key,
+            "etag": self.etag,
+            "version_id": self.version_id,
+        }
 
 
 def minio_client(settings: Settings) -> Minio:
@@ -79,8 +84,10 @@ def idx_parts(settings: Settings, marker: DatasetRef) -> dict[str, DatasetRef]:
     where = f"{marker.describe()}"
     for name, objs in found.items():
         if len(objs) != 1:
-            raise DatasetInvalid(f"{where}: the set {folder} needs exactly one object named *{name}*, "
-                                 f"found {len(objs)} (rule: consistent pair)")
+            raise DatasetInvalid(
+                f"{where}: the set {folder} needs exactly one object named *{name}*, "
+                f"found {len(objs)} (rule: consistent pair)"
+            )
     manifest_raw = fetch(settings, marker).strip()
     manifest = {}
     if manifest_raw:
@@ -92,8 +99,10 @@ def idx_parts(settings: Settings, marker: DatasetRef) -> dict[str, DatasetRef]:
     for name, [obj] in found.items():
         etag = (obj.etag or "").strip('"')
         if manifest.get(name) and manifest[name].strip('"') != etag:
-            raise DatasetInvalid(f"{where}: {obj.object_name} has etag {etag}, the marker expects "
-                                 f"{manifest[name]} (rule: consistent pair)")
+            raise DatasetInvalid(
+                f"{where}: {obj.object_name} has etag {etag}, the marker expects "
+                f"{manifest[name]} (rule: consistent pair)"
+            )
         stat = client.stat_object(marker.bucket, obj.object_name)
         parts[name] = DatasetRef(marker.bucket, obj.object_name, etag, stat.version_id or "")
     return parts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -58,17 +59,22 @@ def _remove_program(settings: Settings, program: str) -> None:
     sup = stack.supervisor(settings)
     names = {p["name"] for p in sup.getAllProcessInfo()}
     if program in names:
-        try:
+        with contextlib.suppress(Exception):  # already stopped
             sup.stopProcess(program, True)
-        except Exception:  # already stopped
-            pass
         sup.removeProcessGroup(program)
     _conf_path(settings, program).unlink(missing_ok=True)
 
 
 def _start_program(settings: Settings, program: str, bento_tag: str, port: int) -> None:
-    command = [str(settings.venv_ml / "bin" / "bentoml"), "serve", bento_tag,
-               "--host", settings.host, "--port", str(port)]
+    command = [
+        str(settings.venv_ml / "bin" / "bentoml"),
+        "serve",
+        bento_tag,
+        "--host",
+        settings.host,
+        "--port",
+        str(port),
+    ]
     lines = stack.program(program, command, settings.logs, settings.client_env(), priority=200)
     _conf_path(settings, program).write_text("\n".join(lines))
     sup = stack.supervisor(settings)
@@ -84,7 +90,7 @@ def smoke_test(url: str, version: str, smoke: dict, chunk: int = 100) -> float:
     """Replay the stored holdout rows through the server; its score must match the recorded one."""
     predicted = []
     for start in range(0, len(smoke["inputs"]), chunk):
-        r = httpx.post(f"{url}/predict", json={"inputs": smoke["inputs"][start:start + chunk]}, timeout=30)
+        r = httpx.post(f"{url}/predict", json={"inputs": smoke["inputs"][start : start + chunk]}, timeout=30)
         if r.status_code != 200:
             raise DeployFailed(f"smoke test: HTTP {r.status_code}: {r.text[:300]}")
         body = r.json()
@@ -96,8 +102,10 @@ def smoke_test(url: str, version: str, smoke: dict, chunk: int = 100) -> float:
     recorded = smoke["recorded"]
     allowed = SMOKE_TOLERANCE * max(1.0, abs(recorded)) if smoke["metric"] in ("rmse", "mae") else SMOKE_TOLERANCE
     if abs(got - recorded) > allowed:
-        raise DeployFailed(f"smoke test: {smoke['metric']} {got:.4f} on {len(predicted)} holdout rows, "
-                           f"MLflow recorded {recorded:.4f} (tolerance {allowed:.4f})")
+        raise DeployFailed(
+            f"smoke test: {smoke['metric']} {got:.4f} on {len(predicted)} holdout rows, "
+            f"MLflow recorded {recorded:.4f} (tolerance {allowed:.4f})"
+        )
     return got
 
 
@@ -135,8 +143,9 @@ def _write_scrape_target(settings: Settings, deployment: Deployment) -> None:
     tmp.rename(target)
 
 
-def rollout(settings: Settings, pipeline: Pipeline, version: str, bento_tag: str,
-            ready_timeout: float = 180, log=print) -> Deployment:
+def rollout(
+    settings: Settings, pipeline: Pipeline, version: str, bento_tag: str, ready_timeout: float = 180, log=print
+) -> Deployment:
     """Start the idle colour, prove it, switch Nginx, stop the old colour; on any failure keep the old."""
     live = current(settings, pipeline.name)
     colour = "blue" if live is None or live.colour == "green" else "green"
@@ -152,8 +161,10 @@ def rollout(settings: Settings, pipeline: Pipeline, version: str, bento_tag: str
         stack.wait_healthy(f"{url}/readyz", ready_timeout, program)
         smoke = load_smoke_set(settings, pipeline.name, version)
         got = smoke_test(url, version, smoke)
-        log(f"{program} answers as v{version}: {smoke['metric']} {got:.4f} on {len(smoke['truth'])} holdout rows "
-            f"(recorded {smoke['recorded']:.4f}); switching Nginx")
+        log(
+            f"{program} answers as v{version}: {smoke['metric']} {got:.4f} on {len(smoke['truth'])} holdout rows "
+            f"(recorded {smoke['recorded']:.4f}); switching Nginx"
+        )
         _switch_nginx(settings, pipeline.name, port)
         switched = True
         _wait_served(settings, pipeline, version, smoke)

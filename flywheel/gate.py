@@ -12,8 +12,15 @@ class Decision:
     reason: str
 
 
-def decide(metric: str, challenger: float, champion: float | None, *, higher_is_better: bool = True,
-           floor: float | None = None, margin: float = 0.0) -> Decision:
+def decide(
+    metric: str,
+    challenger: float,
+    champion: float | None,
+    *,
+    higher_is_better: bool = True,
+    floor: float | None = None,
+    margin: float = 0.0,
+) -> Decision:
     """Promote only if the challenger clears the floor and beats production by the margin.
 
     Both scores come from the same holdout. With margin 0 a tie promotes: at equal quality the
@@ -31,5 +38,8 @@ def decide(metric: str, challenger: float, champion: float | None, *, higher_is_
     target = champion + margin if higher_is_better else champion - margin
     wins = challenger >= target if higher_is_better else challenger <= target
     verdict = "beats" if wins else "does not beat"
-    return Decision(wins, f"challenger {metric} {challenger:.4f} {verdict} production {champion:.4f} "
-                          f"by the margin {margin} (needs {better} {target:.4f})")
+    return Decision(
+        wins,
+        f"challenger {metric} {challenger:.4f} {verdict} production {champion:.4f} "
+        f"by the margin {margin} (needs {better} {target:.4f})",
+    )

@@ -40,7 +40,9 @@ def _read_idx(raw: bytes, what: str, ndim: int, where: str) -> np.ndarray:
     data = _inflate(raw, what, where)
     expected = IMAGES_MAGIC if ndim == 3 else LABELS_MAGIC
     if len(data) < 4:
-        raise DatasetInvalid(f"{where}: {what} has {len(data)} bytes, too short for an IDX header (rule: readable format)")
+        raise DatasetInvalid(
+            f"{where}: {what} has {len(data)} bytes, too short for an IDX header (rule: readable format)"
+        )
     magic = int.from_bytes(data[:4], "big")
     if data[:2] != b"\0\0" or data[2] not in IDX_TYPES or data[3] != ndim:
         raise DatasetInvalid(
@@ -101,13 +103,14 @@ def _as_pair(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.n
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
-        raise DatasetInvalid(f"{where}: labels have shape {y.shape}, expected one label per image (rule: readable format)")
+        raise DatasetInvalid(
+            f"{where}: labels have shape {y.shape}, expected one label per image (rule: readable format)"
+        )
     if x.ndim == 0 or len(x) != len(y):
         count = x.shape[0] if x.ndim else 0
         raise DatasetInvalid(f"{where}: {count} images but {len(y)} labels (rule: consistent pair)")
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise DatasetInvalid(f"{where}: labels are not all whole numbers (rule: label values)")
+    if y.dtype.kind == "f" and (not np.all(np.isfinite(y)) or not np.all(y == np.round(y))):
+        raise DatasetInvalid(f"{where}: labels are not all whole numbers (rule: label values)")
     return x, y.astype(np.int64)
 
 
@@ -134,7 +137,7 @@ def write_idx(images: np.ndarray, labels: np.ndarray) -> tuple[bytes, bytes]:
         values = np.asarray(values)
         if values.ndim != ndim:
             raise ValueError(f"expected {ndim} dimension(s), got shape {values.shape}")
-        if values.dtype.kind in "ui" and values.size and 0 <= values.min() and values.max() <= 255:
+        if values.dtype.kind in "ui" and values.size and values.min() >= 0 and values.max() <= 255:
             values = values.astype(np.uint8)
         elif values.dtype.kind == "u":
             values = values.astype(np.int32)
@@ -198,14 +201,17 @@ def check_images(
         unknown = [int(v) for v in labels if int(v) not in declared]
         if unknown:
             raise DatasetInvalid(
-                f"{where}: label(s) {unknown[:10]} not among the declared classes {sorted(declared)} (rule: label values)"
+                f"{where}: label(s) {unknown[:10]} not among the declared classes {sorted(declared)} "
+                "(rule: label values)"
             )
         # A declared class with no images is the rarest of all.
         present = dict(zip(labels.tolist(), counts.tolist(), strict=True))
         labels = np.asarray(sorted(declared))
         counts = np.asarray([present.get(c, 0) for c in labels.tolist()])
     if np.count_nonzero(counts) < 2:
-        raise DatasetInvalid(f"{where}: only {np.count_nonzero(counts)} class present, need at least 2 (rule: class balance)")
+        raise DatasetInvalid(
+            f"{where}: only {np.count_nonzero(counts)} class present, need at least 2 (rule: class balance)"
+        )
     rarest = int(np.argmin(counts))
     if counts[rarest] < min_class_fraction * len(y):
         raise DatasetInvalid(

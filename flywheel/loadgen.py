@@ -12,10 +12,21 @@ from flywheel.settings import REPO_ROOT
 SCRIPT = REPO_ROOT / "bench" / "wrk" / "predict.lua"
 
 
-def wrk_command(url: str, body: dict, connections: int, seconds: float, cpu: int | None = None) -> tuple[list[str], dict]:
+def wrk_command(
+    url: str, body: dict, connections: int, seconds: float, cpu: int | None = None
+) -> tuple[list[str], dict]:
     threads = max(1, min(2, connections))  # wrk refuses more threads than connections
-    command = [shutil.which("wrk") or "wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-               "--timeout", "5s", "-s", str(SCRIPT), url]
+    command = [
+        shutil.which("wrk") or "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(SCRIPT),
+        url,
+    ]
     if cpu is not None:  # keep the load generator off the server's core, or we measure their fight
         command = ["taskset", "-c", str(cpu), *command]
     return command, {**os.environ, "WRK_BODY": json.dumps(body)}
@@ -26,8 +37,9 @@ def parse(output: str) -> dict:
         if line.startswith("WRK_JSON "):
             stats = json.loads(line.removeprefix("WRK_JSON "))
             stats["rps"] = stats["requests"] / (stats["duration_us"] / 1e6)
-            stats["failed"] = sum(stats[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts",
-                                                      "non_2xx"))
+            stats["failed"] = sum(
+                stats[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts", "non_2xx")
+            )
             return stats
     raise RuntimeError(f"wrk printed no result:\n{output[-2000:]}")
 

@@ -28,8 +28,9 @@ class MlflowAPI:
         self._call("POST", "/registered-models/alias", json={"name": name, "alias": alias, "version": version})
 
     def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
-        self._call("POST", "/model-versions/set-tag", json={"name": name, "version": version, "key": key,
-                                                            "value": value})
+        self._call(
+            "POST", "/model-versions/set-tag", json={"name": name, "version": version, "key": key, "value": value}
+        )
 
     def run_artifact(self, run_id: str, path: str) -> bytes:
         """A file the run logged (served through the tracking server's artifact proxy)."""

@@ -137,8 +137,23 @@ def _section(data: dict, key: str, source: str) -> dict:
 def parse(data: Any, source: str) -> Pipeline:
     if not isinstance(data, dict):
         raise PipelineError(f"{source}: expected a mapping at the top level")
-    known = {"name", "dataset_prefix", "format", "task", "framework", "metric", "target", "features", "classes",
-             "image", "params", "gate", "holdout", "validation", "serving"}
+    known = {
+        "name",
+        "dataset_prefix",
+        "format",
+        "task",
+        "framework",
+        "metric",
+        "target",
+        "features",
+        "classes",
+        "image",
+        "params",
+        "gate",
+        "holdout",
+        "validation",
+        "serving",
+    }
     unknown = sorted(set(data) - known)
     if unknown:
         raise PipelineError(f"{source}: unknown field(s) {', '.join(unknown)}")

@@ -67,7 +67,7 @@ def run_local(settings: Settings, spec: StepSpec) -> dict:
             sys.stdout.write(line)
             tail.append(line.rstrip("\n"))
     if proc.returncode == 2:
-        reason = next((l for l in reversed(tail) if l.startswith("INVALID DATASET")), tail[-1] if tail else "")
+        reason = next((line for line in reversed(tail) if line.startswith("INVALID DATASET")), tail[-1] if tail else "")
         raise DatasetRejected(reason)
     if proc.returncode != 0:
         raise StepFailed(f"flywheel.{spec.module} exited {proc.returncode}: " + " | ".join(list(tail)[-5:]))
@@ -81,24 +81,42 @@ def run_step(settings: Settings, module: str, *args: str) -> dict:
     return run_local(settings, step(module, *args))
 
 
-def operator_kwargs(backend: str, spec: StepSpec, settings: Settings, task_id: str,
-                    image: str = TRAINER_IMAGE) -> dict:
+def operator_kwargs(backend: str, spec: StepSpec, settings: Settings, task_id: str, image: str = TRAINER_IMAGE) -> dict:
     """Arguments for DockerOperator or KubernetesPodOperator running the same step in the trainer image.
 
     Both push the step's last stdout line (its JSON result) to XCom, as the local runner returns it.
     """
-    env = {k: v for k, v in settings.client_env().items()
-           if not k.startswith("FLYWHEEL_") or k == "FLYWHEEL_STATE_DIR" or k.endswith("_HOST")}
+    env = {
+        k: v
+        for k, v in settings.client_env().items()
+        if not k.startswith("FLYWHEEL_") or k == "FLYWHEEL_STATE_DIR" or k.endswith("_HOST")
+    }
     if backend == "docker":
-        return {"task_id": task_id, "image": image, "command": spec.command(), "environment": env,
-                "network_mode": "flywheel", "auto_remove": "success", "do_xcom_push": True, "xcom_all": False,
-                "mount_tmp_dir": False}
+        return {
+            "task_id": task_id,
+            "image": image,
+            "command": spec.command(),
+            "environment": env,
+            "network_mode": "flywheel",
+            "auto_remove": "success",
+            "do_xcom_push": True,
+            "xcom_all": False,
+            "mount_tmp_dir": False,
+        }
     if backend == "kubernetes":
         # No shell between Airflow's templating and the step: arguments stay exactly as rendered.
         command = spec.command()
-        return {"task_id": task_id, "name": task_id.replace("_", "-"), "image": image,
-                "cmds": command[:3], "arguments": command[3:], "env_vars": {**env, RESULT_FILE_ENV: KUBERNETES_XCOM},
-                "do_xcom_push": True, "get_logs": True, "on_finish_action": "delete_succeeded_pod"}
+        return {
+            "task_id": task_id,
+            "name": task_id.replace("_", "-"),
+            "image": image,
+            "cmds": command[:3],
+            "arguments": command[3:],
+            "env_vars": {**env, RESULT_FILE_ENV: KUBERNETES_XCOM},
+            "do_xcom_push": True,
+            "get_logs": True,
+            "on_finish_action": "delete_succeeded_pod",
+        }
     raise ValueError(f"unknown runner backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 

@@ -8,28 +8,31 @@ from flywheel.settings import Settings
 
 # Every metric name dashboards and rules may use: the Bentos' own, the Nginx exporter's, and
 # Prometheus' `up`. The embedded e2e test checks that the live stack exports each of them.
-EXPORTED = frozenset({
-    "bentoml_service_request_duration_seconds_bucket",
-    "bentoml_service_request_duration_seconds_sum",
-    "bentoml_service_request_duration_seconds_count",
-    "bentoml_service_request_total",
-    "bentoml_service_request_in_progress",
-    "bentoml_service_last_request_timestamp_seconds",
-    "nginx_up",
-    "nginx_connections_accepted",
-    "nginx_connections_active",
-    "nginx_connections_handled",
-    "nginx_connections_reading",
-    "nginx_connections_waiting",
-    "nginx_connections_writing",
-    "nginx_http_requests_total",
-    "up",
-})
+EXPORTED = frozenset(
+    {
+        "bentoml_service_request_duration_seconds_bucket",
+        "bentoml_service_request_duration_seconds_sum",
+        "bentoml_service_request_duration_seconds_count",
+        "bentoml_service_request_total",
+        "bentoml_service_request_in_progress",
+        "bentoml_service_last_request_timestamp_seconds",
+        "nginx_up",
+        "nginx_connections_accepted",
+        "nginx_connections_active",
+        "nginx_connections_handled",
+        "nginx_connections_reading",
+        "nginx_connections_waiting",
+        "nginx_connections_writing",
+        "nginx_http_requests_total",
+        "up",
+    }
+)
 WINDOW = "1m"
 QUERIES = {
     "rps": f'sum by (pipeline) (rate(bentoml_service_request_total{{endpoint="/predict"}}[{WINDOW}]))',
     "error_rate": (
-        f'sum by (pipeline) (rate(bentoml_service_request_total{{endpoint="/predict",http_response_code!~"2.."}}[{WINDOW}]))'
+        "sum by (pipeline) (rate(bentoml_service_request_total"
+        f'{{endpoint="/predict",http_response_code!~"2.."}}[{WINDOW}]))'
         f' / sum by (pipeline) (rate(bentoml_service_request_total{{endpoint="/predict"}}[{WINDOW}]))'
     ),
     "p99_ms": (

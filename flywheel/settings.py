@@ -119,8 +119,11 @@ class Settings:
             host=merged.get("FLYWHEEL_HOST", "127.0.0.1"),
             default_pipeline=merged.get("FLYWHEEL_DEFAULT_PIPELINE", "iris"),
             pipelines_dir=Path(merged.get("FLYWHEEL_PIPELINES_DIR", repo / "pipelines")),
-            hosts={name: merged[f"FLYWHEEL_{name.upper()}_HOST"] for name in Ports.__dataclass_fields__
-                   if merged.get(f"FLYWHEEL_{name.upper()}_HOST")},
+            hosts={
+                name: merged[f"FLYWHEEL_{name.upper()}_HOST"]
+                for name in Ports.__dataclass_fields__
+                if merged.get(f"FLYWHEEL_{name.upper()}_HOST")
+            },
         )
 
     # Where things live.

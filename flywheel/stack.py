@@ -56,8 +56,9 @@ def _quote(arg: str) -> str:
     return f'"{arg}"' if any(c in arg for c in " ;#") else arg
 
 
-def program(name: str, command: list[str], logs: Path, env: dict[str, str] | None = None,
-            priority: int = 100) -> list[str]:
+def program(
+    name: str, command: list[str], logs: Path, env: dict[str, str] | None = None, priority: int = 100
+) -> list[str]:
     lines = [
         f"[program:{name}]",
         "command=" + " ".join(_quote(a) for a in command),
@@ -78,7 +79,7 @@ def program(name: str, command: list[str], logs: Path, env: dict[str, str] | Non
     if env:
         pairs = ",".join(f'{k}="{v}"' for k, v in env.items())
         lines.append(f"environment={pairs}")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def nginx_conf(settings: Settings, pipeline_names: list[str]) -> str:
@@ -86,13 +87,9 @@ def nginx_conf(settings: Settings, pipeline_names: list[str]) -> str:
     template = (s.repo / "nginx" / "nginx.conf.template").read_text()
     locations = []
     for name in pipeline_names:
-        locations.append(
-            f"        location = /{name}/predict {{ proxy_pass http://flywheel_{name}/predict; }}"
-        )
+        locations.append(f"        location = /{name}/predict {{ proxy_pass http://flywheel_{name}/predict; }}")
     if s.default_pipeline in pipeline_names:
-        locations.append(
-            f"        location = /predict {{ proxy_pass http://flywheel_{s.default_pipeline}/predict; }}"
-        )
+        locations.append(f"        location = /predict {{ proxy_pass http://flywheel_{s.default_pipeline}/predict; }}")
     return (
         template.replace("@STATE@", str(s.state / NGINX_DIR))
         .replace("@LOGS@", str(s.logs))
@@ -122,8 +119,19 @@ def prometheus_conf(settings: Settings) -> str:
 def render(settings: Settings) -> None:
     """Write every generated file into the state folder; deployments already made are kept."""
     s = settings
-    for folder in ("logs", "supervisor/conf.d", "minio/data", "minio/events-queue", "mlflow", "airflow",
-                   "bentoml", "nginx/upstreams", "nginx/tmp", "prometheus/targets", "prometheus/data"):
+    for folder in (
+        "logs",
+        "supervisor/conf.d",
+        "minio/data",
+        "minio/events-queue",
+        "mlflow",
+        "airflow",
+        "bentoml",
+        "nginx/upstreams",
+        "nginx/tmp",
+        "prometheus/targets",
+        "prometheus/data",
+    ):
         (s.state / folder).mkdir(parents=True, exist_ok=True)
     (s.logs / "airflow").mkdir(parents=True, exist_ok=True)
     (s.state / "supervisord.conf").write_text(supervisor_conf(s))
@@ -148,8 +156,13 @@ def process_env(settings: Settings) -> dict[str, str]:
     """The environment supervisord and every child inherit."""
     s = settings
     path = f"{s.venv_platform / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}:/usr/sbin:/sbin"
-    return {**os.environ, **s.client_env(), **topology.airflow_env(s), "PATH": path,
-            "FLYWHEEL_AIRFLOW_PASSWORD": s.secrets["AIRFLOW_ADMIN_PASSWORD"]}
+    return {
+        **os.environ,
+        **s.client_env(),
+        **topology.airflow_env(s),
+        "PATH": path,
+        "FLYWHEEL_AIRFLOW_PASSWORD": s.secrets["AIRFLOW_ADMIN_PASSWORD"],
+    }
 
 
 def supervisor(settings: Settings):
@@ -168,8 +181,13 @@ def supervisord_running(settings: Settings) -> bool:
 
 
 def migrate_airflow(settings: Settings) -> None:
-    subprocess.run([str(settings.venv_platform / "bin" / "airflow"), "db", "migrate"], env=process_env(settings),
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        [str(settings.venv_platform / "bin" / "airflow"), "db", "migrate"],
+        env=process_env(settings),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def ensure_buckets(settings: Settings) -> None:
@@ -188,7 +206,9 @@ def ensure_buckets(settings: Settings) -> None:
     arn = f"arn:minio:sqs::{topology.WEBHOOK_ID}:webhook"
     client.set_bucket_notification(
         settings.datasets_bucket,
-        NotificationConfig(queue_config_list=[QueueConfig(queue=arn, events=["s3:ObjectCreated:*"], config_id="flywheel")]),
+        NotificationConfig(
+            queue_config_list=[QueueConfig(queue=arn, events=["s3:ObjectCreated:*"], config_id="flywheel")]
+        ),
     )
 
 
@@ -217,12 +237,18 @@ def up(settings: Settings, progress=print, timeout: float = 180) -> None:
     if supervisord_running(s):
         progress("supervisord already running: reloading its configuration")
         supervisor(s).reloadConfig()
-        subprocess.run([str(s.venv_platform / "bin" / "supervisorctl"), "-c", str(s.state / "supervisord.conf"),
-                        "update"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [str(s.venv_platform / "bin" / "supervisorctl"), "-c", str(s.state / "supervisord.conf"), "update"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     else:
         progress("starting supervisord")
-        subprocess.run([str(s.venv_platform / "bin" / "supervisord"), "-c", str(s.state / "supervisord.conf")],
-                       env=process_env(s), check=True)
+        subprocess.run(
+            [str(s.venv_platform / "bin" / "supervisord"), "-c", str(s.state / "supervisord.conf")],
+            env=process_env(s),
+            check=True,
+        )
     svcs = {svc.name: svc for svc in topology.services(s)}
     wait_healthy(svcs["minio"].health, timeout, "minio")
     ensure_buckets(s)
@@ -275,8 +301,16 @@ def status(settings: Settings) -> list[dict]:
                 ok = httpx.get(url, timeout=2).status_code < 300
             except httpx.HTTPError:
                 ok = False
-        rows.append({"name": info["name"], "state": info["statename"], "pid": info["pid"],
-                     "uptime": info["description"], "endpoint": url, "healthy": ok})
+        rows.append(
+            {
+                "name": info["name"],
+                "state": info["statename"],
+                "pid": info["pid"],
+                "uptime": info["description"],
+                "endpoint": url,
+                "healthy": ok,
+            }
+        )
     return rows
 
 

@@ -40,8 +40,16 @@ def validate(pipeline_name: str, triggering_asset_events, airflow_run: str = "")
     dataset, consumed = planned["dataset"], planned["consumed"]
     settings = Settings.load()
     try:
-        result = run_step(settings, "validate", "--pipeline", pipeline_name, "--dataset", json.dumps(dataset),
-                          "--airflow-run", airflow_run)
+        result = run_step(
+            settings,
+            "validate",
+            "--pipeline",
+            pipeline_name,
+            "--dataset",
+            json.dumps(dataset),
+            "--airflow-run",
+            airflow_run,
+        )
     except DatasetRejected as exc:
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -51,8 +59,18 @@ def validate(pipeline_name: str, triggering_asset_events, airflow_run: str = "")
 
 def train(pipeline_name: str, validated: dict, airflow_run: str) -> dict:
     settings = Settings.load()
-    return run_step(settings, "train", "--pipeline", pipeline_name, "--dataset", json.dumps(validated["dataset"]),
-                    "--consumed", json.dumps(validated["consumed"]), "--airflow-run", airflow_run)
+    return run_step(
+        settings,
+        "train",
+        "--pipeline",
+        pipeline_name,
+        "--dataset",
+        json.dumps(validated["dataset"]),
+        "--consumed",
+        json.dumps(validated["consumed"]),
+        "--airflow-run",
+        airflow_run,
+    )
 
 
 def production_extra(trained: dict, airflow_run: str) -> dict:
@@ -85,5 +103,10 @@ def rollout(pipeline_name: str, built: dict) -> dict:
     settings = Settings.load()
     pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
     d = deploy.rollout(settings, pipeline, built["version"], built["bento_tag"], log=log.info)
-    return {"pipeline": d.pipeline, "version": d.version, "bento_tag": d.bento_tag, "colour": d.colour,
-            "url": f"{settings.predict_url}/{d.pipeline}/predict"}
+    return {
+        "pipeline": d.pipeline,
+        "version": d.version,
+        "bento_tag": d.bento_tag,
+        "colour": d.colour,
+        "url": f"{settings.predict_url}/{d.pipeline}/predict",
+    }

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 
 from flywheel import data, frameworks, gate, pipelines, registry
-from flywheel.metrics import SMOKE_ARTIFACT, score
 from flywheel.errors import DatasetInvalid
+from flywheel.metrics import SMOKE_ARTIFACT, score
 from flywheel.pipelines import Pipeline
 from flywheel.runner import emit
 from flywheel.settings import Settings
@@ -37,8 +37,9 @@ def split(pipeline: Pipeline, dataset: Dataset, holdout: Dataset | None):
         return dataset.x, dataset.y, holdout.x, holdout.y
     mask = holdout_mask(dataset.x, dataset.y, pipeline.holdout_fraction, pipeline.seed)
     if mask.all() or not mask.any():
-        raise DatasetInvalid(f"{len(mask)} rows leave no {'training' if mask.all() else 'holdout'} rows "
-                             f"(rule: minimum rows)")
+        raise DatasetInvalid(
+            f"{len(mask)} rows leave no {'training' if mask.all() else 'holdout'} rows (rule: minimum rows)"
+        )
     return dataset.x[~mask], dataset.y[~mask], dataset.x[mask], dataset.y[mask]
 
 
@@ -48,15 +49,21 @@ SMOKE_ROWS = 200
 def smoke_set(pipeline: Pipeline, x: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> dict:
     """Holdout rows, their truth, and the score the trained model got on exactly these rows."""
     n = min(len(truth), SMOKE_ROWS)
-    return {"metric": pipeline.metric, "recorded": score(pipeline.metric, predicted[:n], truth[:n]),
-            "inputs": np.asarray(x[:n]).tolist(), "truth": np.asarray(truth[:n]).tolist()}
+    return {
+        "metric": pipeline.metric,
+        "recorded": score(pipeline.metric, predicted[:n], truth[:n]),
+        "inputs": np.asarray(x[:n]).tolist(),
+        "truth": np.asarray(truth[:n]).tolist(),
+    }
 
 
 def class_labels(pipeline: Pipeline, y: np.ndarray) -> list[str]:
     return list(pipeline.classes) or sorted({str(v) for v in y})
 
 
-def champion_score(client, pipeline: Pipeline, x: np.ndarray, truth: np.ndarray) -> tuple[str | None, float | None, str]:
+def champion_score(
+    client, pipeline: Pipeline, x: np.ndarray, truth: np.ndarray
+) -> tuple[str | None, float | None, str]:
     """Score the current production version on the challenger's holdout."""
     version = registry.current_version(client, pipeline.model_name)
     if version is None:
@@ -86,13 +93,18 @@ def _log_dataset(pipeline: Pipeline, ref: data.DatasetRef, dataset: Dataset) -> 
     from mlflow.models import infer_signature
 
     sample = dataset.table.head(1000) if dataset.table is not None else np.asarray(dataset.x[:1000])
-    ds = MetaDataset(resolve_dataset_source(ref.uri), name=ref.key, digest=ref.etag[:36] or None,
-                     schema=infer_signature(sample).inputs)
+    ds = MetaDataset(
+        resolve_dataset_source(ref.uri),
+        name=ref.key,
+        digest=ref.etag[:36] or None,
+        schema=infer_signature(sample).inputs,
+    )
     mlflow.log_input(ds, context="training", tags={"rows": str(len(dataset))})
 
 
-def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, consumed: list[dict],
-        airflow_run: str = "") -> dict:
+def run(
+    settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, consumed: list[dict], airflow_run: str = ""
+) -> dict:
     import mlflow
 
     dataset = load_dataset(settings, pipeline, ref)
@@ -109,8 +121,14 @@ def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, consumed: 
     client = mlflow.MlflowClient()
     mlflow.set_experiment(pipeline.name)
     with mlflow.start_run(run_name=f"train-{pipeline.name}") as active:
-        mlflow.log_params({**pipeline.params, "holdout": pipeline.holdout_object or pipeline.holdout_fraction,
-                           "seed": pipeline.seed, "rows": len(dataset)})
+        mlflow.log_params(
+            {
+                **pipeline.params,
+                "holdout": pipeline.holdout_object or pipeline.holdout_fraction,
+                "seed": pipeline.seed,
+                "rows": len(dataset),
+            }
+        )
         _log_dataset(pipeline, ref, dataset)
         model = fw.fit(pipeline, x_train, y_train, len(classes))
         predicted = fw.predict(model, x_holdout)
@@ -118,22 +136,36 @@ def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, consumed: 
             predicted = np.array([classes[int(i)] for i in predicted])
         challenger = score(pipeline.metric, predicted, y_holdout)
         champion_version, champion, note = champion_score(client, pipeline, x_holdout, y_holdout)
-        decision = gate.decide(pipeline.metric, challenger, champion, higher_is_better=pipeline.higher_is_better,
-                               floor=pipeline.floor, margin=pipeline.margin)
+        decision = gate.decide(
+            pipeline.metric,
+            challenger,
+            champion,
+            higher_is_better=pipeline.higher_is_better,
+            floor=pipeline.floor,
+            margin=pipeline.margin,
+        )
         reason = f"{decision.reason}; {note}" if note else decision.reason
-        mlflow.log_metrics({pipeline.metric: challenger, **({f"production_{pipeline.metric}": champion}
-                                                            if champion is not None else {})})
-        mlflow.set_tags({
-            "flywheel.pipeline": pipeline.name,
-            "flywheel.decision": "promoted" if decision.promote else "rejected",
-            "flywheel.reason": reason,
-            "dataset.uri": ref.uri,
-            "dataset.etag": ref.etag,
-            "dataset.version_id": ref.version_id,
-            "airflow.run_id": airflow_run,
-            # every upload a folded DAG run consumed, so none is silently skipped
-            "flywheel.consumed_events": json.dumps([{"key": e["key"], "etag": e.get("etag", "")} for e in consumed]),
-        })
+        mlflow.log_metrics(
+            {
+                pipeline.metric: challenger,
+                **({f"production_{pipeline.metric}": champion} if champion is not None else {}),
+            }
+        )
+        mlflow.set_tags(
+            {
+                "flywheel.pipeline": pipeline.name,
+                "flywheel.decision": "promoted" if decision.promote else "rejected",
+                "flywheel.reason": reason,
+                "dataset.uri": ref.uri,
+                "dataset.etag": ref.etag,
+                "dataset.version_id": ref.version_id,
+                "airflow.run_id": airflow_run,
+                # every upload a folded DAG run consumed, so none is silently skipped
+                "flywheel.consumed_events": json.dumps(
+                    [{"key": e["key"], "etag": e.get("etag", "")} for e in consumed]
+                ),
+            }
+        )
         info = fw.log_model(model, x_holdout[:3], pipeline.model_name)
         # The deploy step replays these rows through the new server before it takes traffic.
         mlflow.log_dict(smoke_set(pipeline, x_holdout, y_holdout, predicted), SMOKE_ARTIFACT)
@@ -155,8 +187,12 @@ def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, consumed: 
         "flywheel.reason": reason,
     }
     if pipeline.is_image:
-        tags.update({"flywheel.image_shape": json.dumps(list(pipeline.image_shape)),
-                     "flywheel.max_value": json.dumps(pipeline.max_value)})
+        tags.update(
+            {
+                "flywheel.image_shape": json.dumps(list(pipeline.image_shape)),
+                "flywheel.max_value": json.dumps(pipeline.max_value),
+            }
+        )
     else:
         tags["flywheel.features"] = json.dumps(list(pipeline.features))
     if classes:
@@ -164,8 +200,11 @@ def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, consumed: 
     for key, value in tags.items():
         client.set_model_version_tag(pipeline.model_name, version, key, value)
     previous = registry.promote(client, pipeline.model_name, version) if decision.promote else None
-    print(f"{'PROMOTED' if decision.promote else 'REJECTED'} {pipeline.name} v{version}: {reason}",
-          file=sys.stderr, flush=True)
+    print(
+        f"{'PROMOTED' if decision.promote else 'REJECTED'} {pipeline.name} v{version}: {reason}",
+        file=sys.stderr,
+        flush=True,
+    )
     return {
         "pipeline": pipeline.name,
         "model_name": pipeline.model_name,

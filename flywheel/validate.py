@@ -15,7 +15,7 @@ from flywheel.pipelines import Pipeline
 from flywheel.runner import emit
 from flywheel.settings import Settings
 
-__all__ = ["DatasetInvalid", "Dataset", "check_table", "load_dataset", "main"]
+__all__ = ["Dataset", "DatasetInvalid", "check_table", "load_dataset", "main"]
 
 
 @dataclass
@@ -61,11 +61,13 @@ def check_labels(pipeline: Pipeline, labels: list[str], where: str) -> None:
     if pipeline.classes:
         unknown = sorted(set(counts) - set(pipeline.classes))
         if unknown:
-            raise _fail(where, f"label value(s) {unknown[:5]} not among the declared classes "
-                               f"{list(pipeline.classes)}", "label values")
+            raise _fail(
+                where,
+                f"label value(s) {unknown[:5]} not among the declared classes {list(pipeline.classes)}",
+                "label values",
+            )
     if len(counts) < 2:
-        raise _fail(where, f"only {len(counts)} distinct label value(s); a classifier needs at least 2",
-                    "label values")
+        raise _fail(where, f"only {len(counts)} distinct label value(s); a classifier needs at least 2", "label values")
     rarest, n = min(counts.items(), key=lambda kv: kv[1])
     floor = pipeline.validation.min_class_fraction
     if n / len(labels) < floor:
@@ -87,8 +89,11 @@ def check_table(pipeline: Pipeline, table, where: str) -> None:
     rates = table[columns].isna().mean()
     worst = rates.idxmax()
     if rates[worst] > rules.max_missing_rate:
-        raise _fail(where, f"column {worst!r} is {rates[worst]:.1%} missing, above {rules.max_missing_rate:.1%}",
-                    "missing values")
+        raise _fail(
+            where,
+            f"column {worst!r} is {rates[worst]:.1%} missing, above {rules.max_missing_rate:.1%}",
+            "missing values",
+        )
     for column in pipeline.features:
         if not pd.api.types.is_numeric_dtype(table[column]) or pd.api.types.is_bool_dtype(table[column]):
             raise _fail(where, f"feature column {column!r} is {table[column].dtype}, not numeric", "column types")
@@ -105,8 +110,7 @@ def check_table(pipeline: Pipeline, table, where: str) -> None:
 def _fetch_checked(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef) -> bytes:
     size = data.size_of(settings, ref)
     if size > pipeline.validation.max_bytes:
-        raise _fail(ref.describe(), f"{size} bytes, above the limit of {pipeline.validation.max_bytes}",
-                    "maximum size")
+        raise _fail(ref.describe(), f"{size} bytes, above the limit of {pipeline.validation.max_bytes}", "maximum size")
     return data.fetch(settings, ref)
 
 
@@ -129,9 +133,16 @@ def load_dataset(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef) -
         parts = {"data": _fetch_checked(settings, pipeline, ref)}
     x, y = images.read_images(pipeline.format, parts, where)
     classes = [int(c) for c in pipeline.classes] if pipeline.classes else None
-    images.check_images(x, y, shape=pipeline.image_shape, max_value=pipeline.max_value, classes=classes,
-                        min_rows=pipeline.validation.min_rows,
-                        min_class_fraction=pipeline.validation.min_class_fraction, where=where)
+    images.check_images(
+        x,
+        y,
+        shape=pipeline.image_shape,
+        max_value=pipeline.max_value,
+        classes=classes,
+        min_rows=pipeline.validation.min_rows,
+        min_class_fraction=pipeline.validation.min_class_fraction,
+        where=where,
+    )
     return Dataset(x=x.astype("float32"), y=y)
 
 
@@ -141,16 +152,18 @@ def record_rejection(pipeline: Pipeline, ref: data.DatasetRef, reason: str, airf
 
     mlflow.set_experiment(pipeline.name)
     with mlflow.start_run(run_name=f"rejected-{pipeline.name}") as run:
-        mlflow.set_tags({
-            "flywheel.pipeline": pipeline.name,
-            "flywheel.status": "rejected",
-            "flywheel.stage": "validate",
-            "flywheel.reason": reason[:4900],
-            "dataset.uri": ref.uri,
-            "dataset.etag": ref.etag,
-            "dataset.version_id": ref.version_id,
-            "airflow.run_id": airflow_run,
-        })
+        mlflow.set_tags(
+            {
+                "flywheel.pipeline": pipeline.name,
+                "flywheel.status": "rejected",
+                "flywheel.stage": "validate",
+                "flywheel.reason": reason[:4900],
+                "dataset.uri": ref.uri,
+                "dataset.etag": ref.etag,
+                "dataset.version_id": ref.version_id,
+                "airflow.run_id": airflow_run,
+            }
+        )
     mlflow.MlflowClient().set_terminated(run.info.run_id, status="FAILED")
 
 

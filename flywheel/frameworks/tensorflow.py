@@ -28,7 +28,10 @@ def _params(pipeline: Any) -> dict[str, Any]:
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         # A misspelt "epoch" would otherwise train with the default and nobody would know.
-        raise ValueError(f"pipeline {getattr(pipeline, 'name', '?')}: unknown tensorflow params {unknown}; expected {sorted(DEFAULTS)}")
+        raise ValueError(
+            f"pipeline {getattr(pipeline, 'name', '?')}: unknown tensorflow params {unknown}; "
+            f"expected {sorted(DEFAULTS)}"
+        )
     params = {**DEFAULTS, **given}
     return {
         "epochs": int(params["epochs"]),

@@ -27,8 +27,9 @@ def supervisor_conf(settings: Settings) -> str:
         if section.startswith("program:") and section.removeprefix("program:") not in PROGRAMS:
             conf.remove_section(section)
     # PID 1 of the container: stay in the foreground, log to its stdout, keep the pid file private.
-    conf["supervisord"].update(nodaemon="true", logfile="/dev/stdout", logfile_maxbytes="0",
-                               pidfile="/tmp/supervisord.pid")
+    conf["supervisord"].update(
+        nodaemon="true", logfile="/dev/stdout", logfile_maxbytes="0", pidfile="/tmp/supervisord.pid"
+    )
     out = io.StringIO()
     conf.write(out)
     return out.getvalue()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import time
 
 import httpx
@@ -22,7 +21,6 @@ DEADLINE = 600  # seconds for one upload to be served; CI is a cold 2-core machi
 def iris_rows() -> list[list]:
     """Iris as shipped with scikit-learn, read from its package data (the platform env has no sklearn)."""
     import csv
-    import importlib.resources
 
     # The ML env writes the sample; here we read sklearn's own CSV from the ML venv's files.
     from flywheel.settings import Settings
@@ -87,8 +85,14 @@ def test_nothing_is_served_before_the_first_upload(stack_settings):
 
 def test_bridge_refuses_calls_without_the_token(stack_settings):
     url = f"{stack_settings.url(stack_settings.ports.bridge)}/minio/events"
-    fake = {"Records": [{"eventName": "s3:ObjectCreated:Put", "s3": {"bucket": {"name": "datasets"},
-                                                                  "object": {"key": "iris/forged.csv"}}}]}
+    fake = {
+        "Records": [
+            {
+                "eventName": "s3:ObjectCreated:Put",
+                "s3": {"bucket": {"name": "datasets"}, "object": {"key": "iris/forged.csv"}},
+            }
+        ]
+    }
     assert httpx.post(url, json=fake).status_code == 401
     assert httpx.post(url, json=fake, headers={"Authorization": "Bearer wrong"}).status_code == 401
 

@@ -36,8 +36,9 @@ def finished_run(api, dag_id: str, after: set[str]) -> dict:
 def mlflow_runs(settings, experiment: str, filter_string: str) -> list[dict]:
     base = f"{settings.mlflow_url}/api/2.0/mlflow"
     exp = httpx.get(f"{base}/experiments/get-by-name", params={"experiment_name": experiment}).json()
-    r = httpx.post(f"{base}/runs/search", json={"experiment_ids": [exp["experiment"]["experiment_id"]],
-                                                "filter": filter_string})
+    r = httpx.post(
+        f"{base}/runs/search", json={"experiment_ids": [exp["experiment"]["experiment_id"]], "filter": filter_string}
+    )
     return r.json().get("runs", [])
 
 
@@ -46,7 +47,7 @@ def test_a_worse_upload_is_rejected_and_the_old_version_keeps_serving(stack_sett
     before = {r["dag_run_id"] for r in api.dag_runs("train_iris")}
     deploys_before = {r["dag_run_id"] for r in api.dag_runs("deploy_iris")}
     labels = [row[4] for row in TRAINING]
-    shuffled = [row[:4] + [labels[(i * 7) % len(labels)]] for i, row in enumerate(TRAINING)]
+    shuffled = [[*row[:4], labels[i * 7 % len(labels)]] for i, row in enumerate(TRAINING)]
     put(stack_settings, "iris/shuffled-labels.csv", csv_bytes(shuffled))
     run = finished_run(api, "train_iris", before)
     states = {t["task_id"]: t["state"] for t in api.task_instances("train_iris", run["dag_run_id"])}
@@ -98,5 +99,5 @@ def digits_rows(n: int) -> tuple[list, list]:
 
     path = next((Settings.load().venv_ml / "lib").glob("python3*/site-packages/sklearn/datasets/data/digits.csv.gz"))
     rows = list(csv.reader(io.StringIO(gzip.decompress(path.read_bytes()).decode())))[:n]
-    images = [[[float(v) for v in row[r * 8:(r + 1) * 8]] for r in range(8)] for row in rows]
+    images = [[[float(v) for v in row[r * 8 : (r + 1) * 8]] for r in range(8)] for row in rows]
     return images, [int(float(row[64])) for row in rows]

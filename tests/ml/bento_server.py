@@ -40,8 +40,9 @@ def serve(bento_tag: str, env: dict, log_path: Path, ready_timeout: float, clien
     command = [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         # Its own session, so teardown can stop the server and its worker processes together.
-        proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         started = time.perf_counter()
         with httpx.Client(base_url=url, timeout=client_timeout) as client:

@@ -6,9 +6,6 @@ import contextlib
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -82,7 +79,9 @@ def test_same_seed_same_predictions(digits, trained):
     from flywheel.frameworks import tensorflow as framework
 
     again = framework.fit(_pipeline(), digits.x_train, digits.y_train, num_classes=10)
-    np.testing.assert_array_equal(framework.predict(again, digits.x_holdout), framework.predict(trained, digits.x_holdout))
+    np.testing.assert_array_equal(
+        framework.predict(again, digits.x_holdout), framework.predict(trained, digits.x_holdout)
+    )
     np.testing.assert_array_equal(
         framework.probabilities(again, digits.x_holdout), framework.probabilities(trained, digits.x_holdout)
     )
@@ -155,7 +154,13 @@ def registry(tmp_path_factory, digits, trained):
         for key, value in tags.items():
             client.set_model_version_tag(PIPELINE, version, key, value)
         yield SimpleNamespace(
-            root=root, env=env, version=version, info=info, run_id=run.info.run_id, stdout=stdout.getvalue(), epochs_model=model
+            root=root,
+            env=env,
+            version=version,
+            info=info,
+            run_id=run.info.run_id,
+            stdout=stdout.getvalue(),
+            epochs_model=model,
         )
 
 
@@ -167,7 +172,9 @@ def test_log_model_and_load_round_trip(registry, digits, trained):
     assert registry.stdout == ""  # steps print their JSON result on stdout; nothing else may land there
     assert registry.info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 8, 8)
     loaded = framework.load(f"models:/{PIPELINE}/{registry.version}")
-    np.testing.assert_array_equal(framework.predict(loaded, digits.x_holdout), framework.predict(trained, digits.x_holdout))
+    np.testing.assert_array_equal(
+        framework.predict(loaded, digits.x_holdout), framework.predict(trained, digits.x_holdout)
+    )
     history = mlflow.MlflowClient().get_metric_history(registry.run_id, "train_loss")
     assert [m.step for m in history] == [0, 1]
 

@@ -80,8 +80,19 @@ def _infinite(t):
         (iris_csv(_single_class), "label values"),
         (iris_csv(_imbalanced), "class balance"),
     ],
-    ids=["empty", "unparseable", "not-utf8", "no-target", "few-rows", "text-feature", "infinite", "missing",
-         "unknown-label", "single-class", "imbalanced"],
+    ids=[
+        "empty",
+        "unparseable",
+        "not-utf8",
+        "no-target",
+        "few-rows",
+        "text-feature",
+        "infinite",
+        "missing",
+        "unknown-label",
+        "single-class",
+        "imbalanced",
+    ],
 )
 def test_each_rule_names_object_and_rule(raw, rule):
     with pytest.raises(DatasetInvalid) as err:

@@ -167,8 +167,12 @@ def as_compose_may_write(value: str, host: str) -> set[str]:
         home = PORT_HOME.get(names.get(int(m[1]), ""))
         return f"{home}:{m[1]}" if home else m[0]
 
-    return {value, re.sub(rf"{re.escape(host)}:(\d+)", by_service, value),
-            value.replace(host, "0.0.0.0"), value.replace(host, "")}
+    return {
+        value,
+        re.sub(rf"{re.escape(host)}:(\d+)", by_service, value),
+        value.replace(host, "0.0.0.0"),
+        value.replace(host, ""),
+    }
 
 
 def shape(command: list[str]) -> tuple[str, list[str], dict[str, str | None]]:
@@ -246,9 +250,14 @@ def _same_values(embedded_env: dict[str, str], compose_env: dict[str, str], wher
 def test_airflow_processes_get_airflow_env(embedded, services):
     expected = topology.airflow_env(embedded)
     airflow = [name for name, svc in services.items() if svc.get("command") and argv(svc)[0] == "airflow"]
-    assert set(airflow) >= {"airflow-api-server", "airflow-scheduler", "airflow-dag-processor",
-                            "airflow-triggerer", "airflow-worker"}
-    for name in airflow + ["flywheel-init"]:
+    assert set(airflow) >= {
+        "airflow-api-server",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "airflow-worker",
+    }
+    for name in [*airflow, "flywheel-init"]:
         _same_values(expected, environment(services[name]), name, embedded.host)
         assert services[name]["image"] == services["airflow-scheduler"]["image"]
 
@@ -268,8 +277,11 @@ def test_hosts_name_the_service_behind_each_port(raw, services):
     hosts = raw["x-flywheel-hosts"]
     default = hosts["FLYWHEEL_HOST"]
     assert default == PORT_HOME["nginx"] == PORT_HOME["bento_base"]
-    declared = {k.removeprefix("FLYWHEEL_").removesuffix("_HOST").lower(): v
-                for k, v in hosts.items() if k.endswith("_HOST") and k != "FLYWHEEL_HOST"}
+    declared = {
+        k.removeprefix("FLYWHEEL_").removesuffix("_HOST").lower(): v
+        for k, v in hosts.items()
+        if k.endswith("_HOST") and k != "FLYWHEEL_HOST"
+    }
     wanted = {name: home for name, home in PORT_HOME.items() if home and home != default}
     assert declared == wanted
     assert set(wanted.values()) <= set(services)
@@ -338,7 +350,8 @@ def test_every_service_is_operable(services):
             assert dependency in services
             assert condition["condition"] in {"service_healthy", "service_completed_successfully"}, name
             assert "profiles" not in services[dependency] or svc.get("profiles"), (
-                f"{name} depends on {dependency}, which only its profile starts")
+                f"{name} depends on {dependency}, which only its profile starts"
+            )
         if name in ONE_SHOT:
             assert svc["restart"] == "no"
         else:
@@ -395,9 +408,14 @@ def _config(tmp_path, values: dict[str, str], *options: str) -> subprocess.Compl
         pytest.skip("docker-compose is not installed")
     env_file = tmp_path / "compose.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    return subprocess.run([*command, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), *options, "config", "-q"],
-                          cwd=REPO_ROOT, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [*command, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), *options, "config", "-q"],
+        cwd=REPO_ROOT,
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("profile", [(), ("--profile", "celery")], ids=["default", "celery"])
@@ -456,8 +474,11 @@ def test_images_are_pinned_and_run_unprivileged(raw):
 
 def test_images_install_the_lock_files_with_the_makefiles_uv(raw):
     uv = _makefile("UV_VERSION")
-    locks = {"airflow": {"locks/platform.txt", "locks/ml.txt"}, "trainer": {"locks/ml.txt"},
-             "serving": {"locks/ml.txt"}}
+    locks = {
+        "airflow": {"locks/platform.txt", "locks/ml.txt"},
+        "trainer": {"locks/ml.txt"},
+        "serving": {"locks/ml.txt"},
+    }
     for image, wanted in locks.items():
         text = (REPO_ROOT / "services" / image / "Dockerfile").read_text()
         assert set(re.findall(r"uv pip sync (\S+)", text)) == wanted, image
@@ -477,6 +498,7 @@ def test_images_copy_only_what_exists_and_never_the_env_file(raw):
 
 def test_locks_carry_what_compose_mode_imports():
     """Compose mode keeps metadata in Postgres and can run Celery: the lock files must say so."""
+
     def names(lock: str) -> set[str]:
         return set(re.findall(r"^([A-Za-z0-9_.-]+)==", (REPO_ROOT / "locks" / lock).read_text(), re.M))
 
@@ -527,7 +549,7 @@ def metric_names(promql: str) -> set[str]:
     text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
     names = set()
     for m in re.finditer(r"(?<![\w.:$])[A-Za-z_:][\w:]*", text):
-        if m[0] in {"bool", "and", "or", "unless", "offset"} or text[m.end():].lstrip().startswith("("):
+        if m[0] in {"bool", "and", "or", "unless", "offset"} or text[m.end() :].lstrip().startswith("("):
             continue
         names.add(m[0])
     return names
@@ -554,12 +576,35 @@ def _dag_run_columns() -> set[str]:
     source = (Path(spec.origin).parent / "models" / "dagrun.py").read_text()
     body = source.split('__tablename__ = "dag_run"', 1)[1].split("__tablename__", 1)[0]
     return set(re.findall(r'mapped_column\(\s*"(\w+)"', body)) | set(
-        re.findall(r"^    (\w+): Mapped\[.*\] = mapped_column\((?!\s*\")", body, re.M))
+        re.findall(r"^    (\w+): Mapped\[.*\] = mapped_column\((?!\s*\")", body, re.M)
+    )
 
 
 def test_pipeline_run_panels_read_columns_airflow_has():
-    sql_words = {"select", "as", "from", "where", "and", "or", "like", "order", "by", "desc", "limit", "group",
-                 "count", "extract", "epoch", "coalesce", "now", "metric", "value", "time", "text", "dag_run"}
+    sql_words = {
+        "select",
+        "as",
+        "from",
+        "where",
+        "and",
+        "or",
+        "like",
+        "order",
+        "by",
+        "desc",
+        "limit",
+        "group",
+        "count",
+        "extract",
+        "epoch",
+        "coalesce",
+        "now",
+        "metric",
+        "value",
+        "time",
+        "text",
+        "dag_run",
+    }
     queries = list(_values(_dashboard(), "rawSql"))
     assert queries
     columns = _dag_run_columns()
@@ -590,4 +635,3 @@ def test_grafana_is_provisioned_with_what_the_dashboard_uses(services):
     home = environment(services["grafana"])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert Path(home).parent == Path(provider["options"]["path"])
     assert (GRAFANA / "dashboards" / Path(home).name).exists()
-

@@ -49,10 +49,18 @@ def test_dags_wire_the_configured_backend(backend, monkeypatch):
 
     from flywheel.settings import REPO_ROOT
 
-    code = ("import sys; sys.path.insert(0, 'dags'); import flywheel_pipelines as m;"
-            "print(sorted(t.task_id + ':' + type(t).__name__ for t in m.train_iris.tasks + m.deploy_iris.tasks))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "FLYWHEEL_RUNNER": backend}).stdout
+    code = (
+        "import sys; sys.path.insert(0, 'dags'); import flywheel_pipelines as m;"
+        "print(sorted(t.task_id + ':' + type(t).__name__ for t in m.train_iris.tasks + m.deploy_iris.tasks))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "FLYWHEEL_RUNNER": backend},
+    ).stdout
     operator = {"docker": "DockerOperator", "kubernetes": "KubernetesPodOperator"}[backend]
     for step in ("validate", "train", "build"):
         assert f"'{step}:{operator}'" in out
@@ -69,8 +77,7 @@ def _fake_ml_venv(tmp_path, script: str) -> Settings:
     bin_dir.mkdir(parents=True)
     (bin_dir / "python").write_text(f"#!/bin/sh\nexec {sys.executable} -c '{script}'\n")
     (bin_dir / "python").chmod(0o755)
-    return Settings.load({"FLYWHEEL_REPO": str(tmp_path / "repo"), "MINIO_ROOT_USER": "u",
-                          "MINIO_ROOT_PASSWORD": "p"})
+    return Settings.load({"FLYWHEEL_REPO": str(tmp_path / "repo"), "MINIO_ROOT_USER": "u", "MINIO_ROOT_PASSWORD": "p"})
 
 
 def test_local_runner_returns_the_last_json_line(tmp_path):

@@ -10,9 +10,16 @@ from flywheel.settings import Settings
 
 @pytest.fixture
 def settings(tmp_path):
-    return Settings.load({"FLYWHEEL_STATE_DIR": str(tmp_path / "state"), "FLYWHEEL_NGINX_PORT": "18000",
-                          "MINIO_ROOT_USER": "u", "MINIO_ROOT_PASSWORD": "p", "FLYWHEEL_WEBHOOK_TOKEN": "t",
-                          "AIRFLOW_ADMIN_PASSWORD": "a"})
+    return Settings.load(
+        {
+            "FLYWHEEL_STATE_DIR": str(tmp_path / "state"),
+            "FLYWHEEL_NGINX_PORT": "18000",
+            "MINIO_ROOT_USER": "u",
+            "MINIO_ROOT_PASSWORD": "p",
+            "FLYWHEEL_WEBHOOK_TOKEN": "t",
+            "AIRFLOW_ADMIN_PASSWORD": "a",
+        }
+    )
 
 
 def test_every_service_is_a_supervised_program(settings):
