@@ -47,16 +47,24 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
         start_date=START,
         catchup=False,
         default_args=DEFAULT_ARGS,
-        max_active_runs=1,  # uploads arriving mid-run fold into the next run, which records them all
+        # One at a time: `plan` trains on the newest upload in MinIO, so uploads arriving mid-run are
+        # trained by the next run, and `account` records each one (flywheel/uploads.py).
+        max_active_runs=1,
         tags=["flywheel", "train", p.name],
-        doc_md=f"Retrain **{p.name}** ({p.framework}, {p.task}) on every upload to `{p.dataset_uri}/`.",
+        doc_md=f"Retrain **{p.name}** ({p.framework}, {p.task}) on the newest upload to `{p.dataset_uri}/`.",
     ) as dag:
 
-        @task
-        def validate(*, triggering_asset_events=None, run_id=None) -> dict:
+        @task(task_id="plan")
+        def plan_training(*, triggering_asset_events=None, run_id=None) -> dict:
             from flywheel import tasks
 
-            return tasks.validate(p.name, triggering_asset_events, run_id)
+            return tasks.plan(p.name, run_id, triggering_asset_events)
+
+        @task
+        def validate(planned: dict, *, run_id=None) -> dict:
+            from flywheel import tasks
+
+            return tasks.validate(p.name, planned, run_id)
 
         @task
         def train(validated: dict, *, run_id=None) -> dict:
@@ -64,11 +72,9 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
 
             return tasks.train(p.name, validated, run_id)
 
-        @task(task_id="plan")
-        def plan_training(*, triggering_asset_events=None) -> dict:
-            from flywheel import tasks
-
-            return tasks.plan(p.name, triggering_asset_events)
+        @task.short_circuit(ignore_downstream_trigger_rules=False)
+        def should_train(planned: dict) -> bool:
+            return not planned["skip"]
 
         @task(outlets=[production_model])
         def publish(trained, *, outlet_events=None, run_id=None) -> dict:
@@ -84,8 +90,17 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
             outlet_events[production_model].extra = extra
             return extra
 
+        # Whatever happened after the plan, every upload this run saw is recorded in MLflow. A teardown:
+        # it runs once the others are done, and their outcome, not its own, is the run's.
+        @task(retries=4)
+        def account(*, ti=None, run_id=None) -> dict:
+            from flywheel import tasks
+
+            return tasks.account(p.name, run_id, ti.xcom_pull(task_ids="plan"))
+
+        planned = plan_training()
         if RUNNER == "local":
-            publish(train(validate()))
+            published = publish(train(validate(planned)))
         else:
             checked = ml_step(
                 "validate",
@@ -104,13 +119,12 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
                 p.name,
                 "--dataset",
                 f"{{{{ {PLANNED}['dataset'] | tojson }}}}",
-                "--consumed",
-                f"{{{{ {PLANNED}['consumed'] | tojson }}}}",
                 "--airflow-run",
                 "{{ run_id }}",
             )
-            plan_training() >> checked >> trained
-            publish(trained.output)
+            should_train(planned) >> checked >> trained
+            published = publish(trained.output)
+        published >> account().as_teardown(setups=planned)
     return dag
 
 

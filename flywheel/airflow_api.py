@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import httpx
 
+from flywheel.settings import Settings
+
+# Answers a retry may change: Airflow busy, restarting or rate-limiting. Any other 4xx is final.
+TRANSIENT = frozenset({408, 425, 429})
+
 
 class AirflowUnavailable(RuntimeError):
     """Airflow could not take the call now; the caller should retry later."""
+
+
+class AirflowRejected(RuntimeError):
+    """Airflow refused the call for good (a 4xx no retry can change)."""
+
+
+def _check(r: httpx.Response, what: str) -> httpx.Response:
+    if r.status_code < 300:
+        return r
+    message = f"{what} answered {r.status_code}: {r.text[:200]}"
+    if r.status_code >= 500 or r.status_code in TRANSIENT or r.status_code == 401:
+        raise AirflowUnavailable(message)  # 401 after a fresh login: the password changed under us
+    raise AirflowRejected(message)
 
 
 class AirflowAPI:
@@ -16,11 +34,23 @@ class AirflowAPI:
         self._client = httpx.Client(base_url=self._base, timeout=timeout)
         self._token: str | None = None
 
+    @classmethod
+    def connect(cls, settings: Settings) -> AirflowAPI:
+        """The platform's client of the Airflow API these settings name (its admin login)."""
+        return cls(settings.airflow_url, "admin", settings.secrets["AIRFLOW_ADMIN_PASSWORD"])
+
+    def __enter__(self) -> AirflowAPI:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _login(self) -> str:
-        r = self._client.post("/auth/token", json=self._auth)
-        if r.status_code >= 300:
-            raise AirflowUnavailable(f"POST /auth/token answered {r.status_code}: {r.text[:200]}")
-        return r.json()["access_token"]
+        try:
+            r = self._client.post("/auth/token", json=self._auth)
+        except httpx.TransportError as exc:
+            raise AirflowUnavailable(f"Airflow API unreachable at {self._base}: {exc}") from exc
+        return _check(r, "POST /auth/token").json()["access_token"]
 
     def request(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -38,10 +68,7 @@ class AirflowAPI:
         return r
 
     def get(self, path: str, **params) -> dict:
-        r = self.request("GET", path, params=params)
-        if r.status_code >= 300:
-            raise AirflowUnavailable(f"GET {path} answered {r.status_code}: {r.text[:200]}")
-        return r.json()
+        return _check(self.request("GET", path, params=params), f"GET {path}").json()
 
     def asset_id(self, uri: str) -> int | None:
         """Airflow's POST /assets/events takes an id, not a URI (apache/airflow#53615)."""
@@ -52,9 +79,7 @@ class AirflowAPI:
 
     def create_asset_event(self, asset_id: int, extra: dict) -> dict:
         r = self.request("POST", "/assets/events", json={"asset_id": asset_id, "extra": extra})
-        if r.status_code >= 300:
-            raise AirflowUnavailable(f"POST /assets/events answered {r.status_code}: {r.text[:200]}")
-        return r.json()
+        return _check(r, "POST /assets/events").json()
 
     def asset_events(self, uri: str, limit: int = 100) -> list[dict]:
         asset_id = self.asset_id(uri)
@@ -62,8 +87,12 @@ class AirflowAPI:
             return []
         return self.get("/assets/events", asset_id=asset_id, limit=limit, order_by="-timestamp")["asset_events"]
 
-    def dag_runs(self, dag_id: str, limit: int = 100) -> list[dict]:
-        return self.get(f"/dags/{dag_id}/dagRuns", limit=limit, order_by="-id")["dag_runs"]
+    def dag_runs(self, dag_id: str, limit: int = 100, states: tuple[str, ...] = ()) -> list[dict]:
+        """Newest first; only those in `states` if given (queued, running, success, failed)."""
+        params = {"limit": limit, "order_by": "-id"}
+        if states:
+            params["state"] = list(states)
+        return self.get(f"/dags/{dag_id}/dagRuns", **params)["dag_runs"]
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]

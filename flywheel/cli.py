@@ -54,6 +54,12 @@ def cmd_status(settings: Settings, args) -> int:
             f"{p.name:<10} {served:<28} {_fmt(m.get('rps'), '.1f'):>8} {_fmt(m.get('error_rate'), '.1%'):>8} "
             f"{_fmt(m.get('p99_ms'), '.1f'):>8}"
         )
+    from flywheel import deadletter
+
+    letters = deadletter.read_all(settings)
+    print(f"\ndead-lettered uploads: {len(letters)}" + (f" (in {deadletter.folder(settings)})" if letters else ""))
+    for letter in letters[-5:]:
+        print(f"  {letter['received_at'][:19]}  {letter['upload'].get('key', '?')}: {letter['reason']}")
     return 0 if all(r["state"] == "RUNNING" and r["healthy"] is not False for r in rows) else 1
 
 
@@ -118,7 +124,7 @@ def wait_for_new_version(
     """Poll /predict (and show the DAG runs' progress) until a version other than `before` answers."""
     from flywheel.airflow_api import AirflowAPI
 
-    api = AirflowAPI(settings.airflow_url, "admin", settings.secrets["AIRFLOW_ADMIN_PASSWORD"])
+    api = AirflowAPI.connect(settings)
     seen: dict[str, str] = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

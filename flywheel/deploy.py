@@ -75,7 +75,7 @@ def _start_program(settings: Settings, program: str, bento_tag: str, port: int) 
         "--port",
         str(port),
     ]
-    lines = stack.program(program, command, settings.logs, settings.client_env(), priority=200)
+    lines = stack.program(settings, program, command, settings.client_env(), priority=200)
     _conf_path(settings, program).write_text("\n".join(lines))
     sup = stack.supervisor(settings)
     sup.reloadConfig()
@@ -235,7 +235,7 @@ def rollback(settings: Settings, pipeline: Pipeline) -> dict:
         "reason": f"rollback from v{current_version}",
         "rollback_from": current_version,
     }
-    airflow = AirflowAPI(settings.airflow_url, "admin", settings.secrets["AIRFLOW_ADMIN_PASSWORD"])
+    airflow = AirflowAPI.connect(settings)
     try:
         asset_id = airflow.asset_id(pipeline.model_uri)
         if asset_id is None:

@@ -36,8 +36,9 @@ def pipeline_of(key: str) -> str | None:
 def from_notification(body: dict) -> list[DatasetEvent]:
     """Every object-created record of a MinIO (S3-style) notification, mapped to its pipeline.
 
-    Records for other event kinds, folder markers and keys outside any pipeline folder are
-    dropped: they carry no dataset.
+    Records for other event kinds and folder markers are dropped: they carry no dataset. A key
+    outside any pipeline folder (at the bucket root) is kept with pipeline "": the bridge
+    dead-letters it, so an upload to the wrong place is seen.
     """
     events = []
     for record in body.get("Records") or []:
@@ -47,9 +48,9 @@ def from_notification(body: dict) -> list[DatasetEvent]:
         s3 = record.get("s3") or {}
         obj = s3.get("object") or {}
         key = unquote_plus(obj.get("key", ""))  # S3 notifications URL-encode keys
-        pipeline = pipeline_of(key)
-        if pipeline is None or key.endswith("/"):
+        if not key or key.endswith("/"):
             continue
+        pipeline = pipeline_of(key) or ""
         events.append(
             DatasetEvent(
                 pipeline=pipeline,
@@ -63,10 +64,3 @@ def from_notification(body: dict) -> list[DatasetEvent]:
             )
         )
     return events
-
-
-def newest(extras: list[dict]) -> dict:
-    """The dataset a folded run trains on: the latest upload among the events it consumed."""
-    if not extras:
-        raise ValueError("no dataset event to train on")
-    return max(extras, key=lambda e: (e.get("event_time", ""), e.get("key", "")))

@@ -6,6 +6,19 @@ PRODUCTION = "production"
 PREVIOUS = "previous"  # the rollback target
 
 
+def ensure_model(client, name: str) -> None:
+    """The registered model, created on first use (a concurrent creation is as good)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name)
+        except MlflowException:
+            client.get_registered_model(name)
+
+
 def current_version(client, name: str, alias: str = PRODUCTION) -> str | None:
     from mlflow.exceptions import MlflowException
 

@@ -6,8 +6,8 @@ import httpx
 
 from flywheel.settings import Settings
 
-# Every metric name dashboards and rules may use: the Bentos' own, the Nginx exporter's, and
-# Prometheus' `up`. The embedded e2e test checks that the live stack exports each of them.
+# Every metric name dashboards and rules may use: the Bentos' own, the Nginx exporter's, the events
+# bridge's and Prometheus' `up`. The embedded e2e test checks that the live stack exports each of them.
 EXPORTED = frozenset(
     {
         "bentoml_service_request_duration_seconds_bucket",
@@ -25,6 +25,8 @@ EXPORTED = frozenset(
         "nginx_connections_writing",
         "nginx_http_requests_total",
         "up",
+        "flywheel_bridge_dead_letters",
+        "flywheel_bridge_events_total",
     }
 )
 WINDOW = "1m"

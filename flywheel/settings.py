@@ -77,8 +77,7 @@ class Ports:
     nginx_exporter: int = 9113
     prometheus: int = 9090
     bridge: int = 8090
-    airflow_worker_logs: int = 8793
-    airflow_trigger_logs: int = 8794
+    airflow_scheduler_health: int = 8974
     bento_base: int = 3100  # each pipeline gets two ports from here: blue and green
 
 

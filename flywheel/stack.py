@@ -47,9 +47,27 @@ def supervisor_conf(settings: Settings) -> str:
         "",
     ]
     for svc in topology.services(s):
-        lines += program(svc.name, svc.command, s.logs, svc.env, svc.priority)
-    lines += ["[include]", f"files = {s.state / 'supervisor' / 'conf.d'}/*.conf", ""]
+        lines += program(s, svc.name, svc.command, svc.env, svc.priority)
+    lines += [
+        # Kills what a program leaves behind the moment it exits (flywheel/reaper.py).
+        "[eventlistener:reaper]",
+        f"command={reaper_python(s)} -m flywheel.reaper listen",
+        "events=PROCESS_STATE_EXITED,PROCESS_STATE_FATAL",
+        "autorestart=true",
+        f"stderr_logfile={s.logs / 'reaper.log'}",
+        "stderr_logfile_maxbytes=5MB",
+        "",
+        "[include]",
+        f"files = {s.state / 'supervisor' / 'conf.d'}/*.conf",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def reaper_python(settings: Settings) -> Path:
+    # The ML environment's interpreter: the serving container has only that one, and the reaper
+    # needs nothing but the standard library and this package.
+    return settings.venv_ml / "bin" / "python"
 
 
 def _quote(arg: str) -> str:
@@ -57,11 +75,19 @@ def _quote(arg: str) -> str:
 
 
 def program(
-    name: str, command: list[str], logs: Path, env: dict[str, str] | None = None, priority: int = 100
+    settings: Settings,
+    name: str,
+    command: list[str],
+    env: dict[str, str] | None = None,
+    priority: int = 100,
+    cpus: str | None = None,
 ) -> list[str]:
+    """A supervisord program; the reaper runs first, so a restart never meets its predecessor's orphans."""
+    reaper = [str(reaper_python(settings)), "-m", "flywheel.reaper", "exec", *(["--cpus", cpus] if cpus else []), "--"]
+    logs = settings.logs
     lines = [
         f"[program:{name}]",
-        "command=" + " ".join(_quote(a) for a in command),
+        "command=" + " ".join(_quote(a) for a in [*reaper, *command]),
         f"priority={priority}",
         "autostart=true",
         "autorestart=true",
@@ -112,6 +138,7 @@ def prometheus_conf(settings: Settings) -> str:
         template.replace("@TARGETS@", str(settings.state / "prometheus" / "targets"))
         .replace("@EXPORTER@", f"{settings.host_of(settings.ports.nginx_exporter)}:{settings.ports.nginx_exporter}")
         .replace("@PROMETHEUS@", f"{settings.host_of(settings.ports.prometheus)}:{settings.ports.prometheus}")
+        .replace("@BRIDGE@", f"{settings.host_of(settings.ports.bridge)}:{settings.ports.bridge}")
         .replace("@RULES@", str(settings.repo / "services" / "prometheus" / "rules.yml"))
     )
 
@@ -243,6 +270,8 @@ def up(settings: Settings, progress=print, timeout: float = 180) -> None:
             stdout=subprocess.DEVNULL,
         )
     else:
+        if leftovers := sweep(s, _supervisord_pid(s)):
+            progress(f"killed {len(leftovers)} processes a dead supervisord left behind")
         progress("starting supervisord")
         subprocess.run(
             [str(s.venv_platform / "bin" / "supervisord"), "-c", str(s.state / "supervisord.conf")],
@@ -269,19 +298,49 @@ def up(settings: Settings, progress=print, timeout: float = 180) -> None:
 
 
 def down(settings: Settings, timeout: float = 60) -> bool:
-    """Stop every process supervisord runs, then supervisord itself. False if it was not running."""
-    if not supervisord_running(settings):
+    """Stop every process supervisord runs, then supervisord itself, then anything left behind.
+
+    False if nothing was running.
+    """
+    running = supervisord_running(settings)
+    pid = _supervisord_pid(settings)
+    if running:
+        supervisor(settings).shutdown()
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise StackError(f"supervisord (pid {pid}) still running after {timeout:.0f}s")
+            time.sleep(0.2)
+    return bool(sweep(settings, pid)) or running
+
+
+def sweep(settings: Settings, supervisord_pid: int | None = None) -> list[int]:
+    """Kill every process of this stack that supervisord no longer runs (flywheel/reaper.py).
+
+    After `down`, or a `kill -9` of supervisord itself, that is every process of the stack.
+    """
+    from flywheel import reaper
+
+    if _alive(supervisord_pid) and b"supervisord" not in Path(f"/proc/{supervisord_pid}/cmdline").read_bytes():
+        supervisord_pid = None  # a stale pid file, its number taken by another process: not our session
+    return reaper.reap(f"unix://{settings.state / 'supervisor.sock'}", supervisord_pid or -1)
+
+
+def _supervisord_pid(settings: Settings) -> int | None:
+    try:
+        return int((settings.state / "supervisord.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
         return False
-    pid = int((settings.state / "supervisord.pid").read_text().strip())
-    supervisor(settings).shutdown()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    raise StackError(f"supervisord (pid {pid}) still running after {timeout:.0f}s")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def status(settings: Settings) -> list[dict]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 
-from flywheel import deploy, events, pipelines
+from flywheel import deploy, pipelines, uploads
+from flywheel.airflow_api import AirflowAPI
+from flywheel.mlflow_api import MlflowAPI
 from flywheel.runner import DatasetRejected, run_step
 from flywheel.settings import Settings
 
@@ -21,24 +23,71 @@ def _extras(triggering_asset_events) -> list[dict]:
     return [dict(e.extra) for e in sorted(found, key=lambda e: e.timestamp)]
 
 
-def plan(pipeline_name: str, triggering_asset_events) -> dict:
-    """Pick the newest upload among the events this run consumed, and record them all."""
-    consumed = [e for e in _extras(triggering_asset_events) if "key" in e]
-    if not consumed:
-        raise ValueError(f"train_{pipeline_name} needs a dataset event: upload a file under datasets/{pipeline_name}/")
-    for e in consumed:
-        log.info("consumed upload %s (etag %s, version %s)", e["key"], e.get("etag"), e.get("version_id"))
-    dataset = events.newest(consumed)
-    if len(consumed) > 1:
-        log.info("%d uploads folded into this run: training on the newest, %s", len(consumed), dataset["key"])
-    return {"dataset": dataset, "consumed": consumed}
+def _clients(settings: Settings) -> tuple[MlflowAPI, AirflowAPI]:
+    return MlflowAPI.connect(settings), AirflowAPI.connect(settings)
 
 
-def validate(pipeline_name: str, triggering_asset_events, airflow_run: str = "") -> dict:
-    """Plan, then validate the chosen upload in the ML environment (the local runner)."""
-    planned = plan(pipeline_name, triggering_asset_events)
-    dataset, consumed = planned["dataset"], planned["consumed"]
+def plan(pipeline_name: str, airflow_run: str, triggering_asset_events=None) -> dict:
+    """Pick what this run trains on: the newest upload in MinIO, whatever events triggered it.
+
+    The run is skipped (`skip` names why) when that very upload was already trained or rejected:
+    a burst's later events then cost a plan and an account, not a retraining.
+    """
     settings = Settings.load()
+    pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
+    planned_at = uploads.now()
+    for e in _extras(triggering_asset_events):
+        log.info(
+            "triggered by the upload of %s (etag %s, version %s)", e.get("key"), e.get("etag"), e.get("version_id")
+        )
+    dataset = uploads.newest(settings, pipeline)
+    planned = {"dataset": dataset, "planned_at": planned_at.isoformat(), "skip": "", "trained_by": ""}
+    mlflow = MlflowAPI.connect(settings)
+    try:
+        for run in mlflow.search_runs(pipeline.name, "attributes.status = 'RUNNING'"):
+            # Runs are serial per pipeline: a platform run still RUNNING now was killed mid-way.
+            if run["data"]["tags"].get("airflow.run_id"):
+                run_id = run["info"]["run_id"]
+                mlflow.set_tags(run_id, {"flywheel.reason": f"killed before it finished (found by {airflow_run})"})
+                mlflow.end_run(run_id, "FAILED")
+                log.info("MLflow run %s was left RUNNING by a killed process: marked FAILED", run_id)
+        if dataset is None:
+            planned["skip"] = f"nothing to train: no object under datasets/{pipeline.dataset_prefix} starts a run"
+        elif earlier := _decided(mlflow, pipeline, dataset):
+            planned["trained_by"] = earlier["info"]["run_id"]
+            planned["skip"] = (
+                f"the newest upload, {dataset['key']}, was already decided on by MLflow run {planned['trained_by']}"
+            )
+    finally:
+        mlflow.close()
+    if dataset is not None:
+        log.info("newest upload: %s (etag %s, version %s)", dataset["key"], dataset["etag"], dataset["version_id"])
+    if planned["skip"]:
+        log.info("no training: %s", planned["skip"])
+    return planned
+
+
+def _decided(mlflow: MlflowAPI, pipeline: pipelines.Pipeline, dataset: dict) -> dict | None:
+    """An earlier run that trained (and gated) or rejected exactly this object version."""
+    if not dataset.get("version_id"):
+        return None
+    for run in mlflow.search_runs(pipeline.name, f"tags.`dataset.version_id` = '{dataset['version_id']}'"):
+        tags = run["data"]["tags"]
+        if (run["info"]["status"] == "FINISHED" and tags.get("flywheel.decision")) or tags.get(
+            "flywheel.status"
+        ) == "rejected":
+            return run
+    return None
+
+
+def validate(pipeline_name: str, planned: dict, airflow_run: str = "") -> dict:
+    """Validate the planned upload in the ML environment (the local runner)."""
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    if planned["skip"]:
+        raise AirflowSkipException(planned["skip"])
+    settings = Settings.load()
+    dataset = planned["dataset"]
     try:
         result = run_step(
             settings,
@@ -51,10 +100,8 @@ def validate(pipeline_name: str, triggering_asset_events, airflow_run: str = "")
             airflow_run,
         )
     except DatasetRejected as exc:
-        from airflow.sdk.exceptions import AirflowFailException
-
         raise AirflowFailException(str(exc)) from exc  # no retry: the upload itself is bad
-    return {"dataset": dataset, "consumed": consumed, "rows": result["rows"]}
+    return {"dataset": dataset, "rows": result["rows"]}
 
 
 def train(pipeline_name: str, validated: dict, airflow_run: str) -> dict:
@@ -66,11 +113,71 @@ def train(pipeline_name: str, validated: dict, airflow_run: str) -> dict:
         pipeline_name,
         "--dataset",
         json.dumps(validated["dataset"]),
-        "--consumed",
-        json.dumps(validated["consumed"]),
         "--airflow-run",
         airflow_run,
     )
+
+
+def account(pipeline_name: str, airflow_run: str, planned: dict | None) -> dict:
+    """Write the uploads ledger on this run's MLflow run (flywheel/uploads.py), whatever happened.
+
+    Attempts killed mid-way end FAILED. A run that failed before deciding anything accounts for
+    nothing: its uploads stay pending, and the reconciler starts another run for them.
+    """
+    settings = Settings.load()
+    pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
+    mlflow, airflow = _clients(settings)
+    try:
+        runs = mlflow.search_runs(pipeline.name, f"tags.`airflow.run_id` = '{airflow_run}'")
+        for run in runs:
+            if run["info"]["status"] == "RUNNING":
+                mlflow.set_tags(run["info"]["run_id"], {"flywheel.reason": "killed before it finished"})
+                mlflow.end_run(run["info"]["run_id"], "FAILED")
+        trained = next(
+            (r for r in runs if r["info"]["status"] == "FINISHED" and r["data"]["tags"].get("flywheel.decision")), None
+        )
+        rejected = next((r for r in runs if r["data"]["tags"].get("flywheel.status") == "rejected"), None)
+        if planned is None:
+            return _nothing(f"{airflow_run} has no plan: its uploads stay pending")
+        if planned["skip"]:
+            outcome, by, target = "already-trained", planned["trained_by"], None
+        elif trained is not None:
+            outcome, by, target = "trained", trained["info"]["run_id"], trained
+        elif rejected is not None:
+            outcome, by, target = "rejected", rejected["info"]["run_id"], rejected
+        else:
+            return _nothing(f"{airflow_run} failed before a decision: its uploads stay pending")
+        events = uploads.events_after(airflow, pipeline, uploads.watermark(mlflow, pipeline))
+        entries, mark = uploads.account(
+            events, planned["dataset"], uploads.parse_time(planned["planned_at"]), outcome, by
+        )
+        if not entries:
+            return _nothing("no upload waits to be accounted for")
+        if target is None:
+            target = mlflow.create_run(
+                pipeline.name,
+                f"account-{pipeline.name}",
+                {
+                    "airflow.run_id": airflow_run,
+                    "flywheel.pipeline": pipeline.name,
+                    "flywheel.decision": "skipped",
+                    "flywheel.reason": planned["skip"],
+                },
+            )
+            mlflow.end_run(target["info"]["run_id"], "FINISHED")
+        uploads.record(mlflow, target, entries, mark)
+    finally:
+        mlflow.close()
+        airflow.close()
+    for entry in entries:
+        log.info("upload %s (version %s): %s (%s)", entry.key, entry.version_id, entry.role, entry.by)
+    counts = {role: sum(e.role == role for e in entries) for role in uploads.ROLES}
+    return {"mlflow_run": target["info"]["run_id"], "accounted": len(entries), **counts}
+
+
+def _nothing(reason: str) -> dict:
+    log.info("nothing accounted: %s", reason)
+    return {"accounted": 0, "reason": reason}
 
 
 def production_extra(trained: dict, airflow_run: str) -> dict:

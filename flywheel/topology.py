@@ -66,12 +66,19 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__API__SECRET_KEY": s.secrets["AIRFLOW__API__SECRET_KEY"],
         "AIRFLOW__CORE__FERNET_KEY": s.secrets["AIRFLOW__CORE__FERNET_KEY"],
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "True",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": s.host,
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(s.ports.airflow_scheduler_health),
+        # A task whose scheduler died (kill -9) is reset and retried within a minute, not Airflow's
+        # default five: a scheduler silent for 20 s is dead, and its tasks are looked for every 15 s.
+        # A task whose supervisor stopped heartbeating (every 5 s) is failed after 40 s.
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "20",
+        "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "15",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "40",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
         # On 2 cores a training process can starve the API server for a while: be patient with it.
         "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(s.logs / "airflow"),
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(s.ports.airflow_worker_logs),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(s.ports.airflow_trigger_logs),
     }
 
 
@@ -126,9 +133,16 @@ def services(settings: Settings) -> list[Service]:
             f"{s.airflow_url}/api/v2/monitor/health",
             priority=30,
         ),
-        Service("airflow-scheduler", [airflow, "scheduler"], None, priority=40),
+        # No log servers (they bind every interface, and no setting moves them): the api-server reads
+        # task logs from the log folder both share.
+        Service(
+            "airflow-scheduler",
+            [airflow, "scheduler", "--skip-serve-logs"],
+            f"{s.url(p.airflow_scheduler_health)}/health",
+            priority=40,
+        ),
         Service("airflow-dag-processor", [airflow, "dag-processor"], None, priority=40),
-        Service("airflow-triggerer", [airflow, "triggerer"], None, priority=40),
+        Service("airflow-triggerer", [airflow, "triggerer", "--skip-serve-logs"], None, priority=40),
         Service(
             "events-bridge",
             [

@@ -102,9 +102,42 @@ def _log_dataset(pipeline: Pipeline, ref: data.DatasetRef, dataset: Dataset) -> 
     mlflow.log_input(ds, context="training", tags={"rows": str(len(dataset))})
 
 
-def run(
-    settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, consumed: list[dict], airflow_run: str = ""
-) -> dict:
+def version_tags(pipeline: Pipeline, ref: data.DatasetRef, classes: list[str], evaluation: dict) -> dict[str, str]:
+    """What a registered version carries from birth: provenance, the model's contract, the gate's verdict."""
+    tags = {
+        "flywheel.pipeline": pipeline.name,
+        "flywheel.framework": pipeline.framework,
+        "flywheel.task": pipeline.task,
+        "dataset.uri": ref.uri,
+        "dataset.key": ref.key,
+        "dataset.etag": ref.etag,
+        "dataset.version_id": ref.version_id,
+        "flywheel.metric": pipeline.metric,
+        **evaluation,
+    }
+    if pipeline.is_image:
+        tags["flywheel.image_shape"] = json.dumps(list(pipeline.image_shape))
+        tags["flywheel.max_value"] = json.dumps(pipeline.max_value)
+    else:
+        tags["flywheel.features"] = json.dumps(list(pipeline.features))
+    if classes:
+        tags["flywheel.classes"] = json.dumps(classes)
+    return tags
+
+
+def fail_abandoned(client, experiment_id: str, airflow_run: str) -> None:
+    """Earlier attempts of this Airflow run that were killed mid-way end FAILED, not RUNNING forever."""
+    if not airflow_run:
+        return
+    stale = client.search_runs(
+        [experiment_id], f"tags.`airflow.run_id` = '{airflow_run}' and attributes.status = 'RUNNING'"
+    )
+    for run in stale:
+        client.set_tag(run.info.run_id, "flywheel.reason", "killed before it finished; a later attempt took over")
+        client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, airflow_run: str = "") -> dict:
     import mlflow
 
     dataset = load_dataset(settings, pipeline, ref)
@@ -119,8 +152,19 @@ def run(
         y_train = np.array([index[str(v)] for v in y_train])
     fw = frameworks.get(pipeline.framework)
     client = mlflow.MlflowClient()
-    mlflow.set_experiment(pipeline.name)
-    with mlflow.start_run(run_name=f"train-{pipeline.name}") as active:
+    experiment = mlflow.set_experiment(pipeline.name)
+    fail_abandoned(client, experiment.experiment_id, airflow_run)
+    provenance = {
+        "flywheel.pipeline": pipeline.name,
+        "dataset.uri": ref.uri,
+        "dataset.key": ref.key,
+        "dataset.etag": ref.etag,
+        "dataset.version_id": ref.version_id,
+        "airflow.run_id": airflow_run,
+    }
+    # The run ends FINISHED only once its version is registered, tagged and (if it won) promoted: a
+    # kill at any point leaves it RUNNING, and the next attempt or run marks it FAILED.
+    with mlflow.start_run(run_name=f"train-{pipeline.name}", tags=provenance) as active:
         mlflow.log_params(
             {
                 **pipeline.params,
@@ -145,66 +189,37 @@ def run(
             margin=pipeline.margin,
         )
         reason = f"{decision.reason}; {note}" if note else decision.reason
+        verdict = "promoted" if decision.promote else "rejected"
         mlflow.log_metrics(
             {
                 pipeline.metric: challenger,
                 **({f"production_{pipeline.metric}": champion} if champion is not None else {}),
             }
         )
-        mlflow.set_tags(
-            {
-                "flywheel.pipeline": pipeline.name,
-                "flywheel.decision": "promoted" if decision.promote else "rejected",
-                "flywheel.reason": reason,
-                "dataset.uri": ref.uri,
-                "dataset.etag": ref.etag,
-                "dataset.version_id": ref.version_id,
-                "airflow.run_id": airflow_run,
-                # every upload a folded DAG run consumed, so none is silently skipped
-                "flywheel.consumed_events": json.dumps(
-                    [{"key": e["key"], "etag": e.get("etag", "")} for e in consumed]
-                ),
-            }
-        )
-        info = fw.log_model(model, x_holdout[:3], pipeline.model_name)
+        info = fw.log_model(model, x_holdout[:3])
         # The deploy step replays these rows through the new server before it takes traffic.
         mlflow.log_dict(smoke_set(pipeline, x_holdout, y_holdout, predicted), SMOKE_ARTIFACT)
         run_id = active.info.run_id
-    version = str(info.registered_model_version)
-    tags = {
-        "flywheel.pipeline": pipeline.name,
-        "flywheel.framework": pipeline.framework,
-        "flywheel.task": pipeline.task,
-        "dataset.uri": ref.uri,
-        "dataset.key": ref.key,
-        "dataset.etag": ref.etag,
-        "dataset.version_id": ref.version_id,
-        "flywheel.metric": pipeline.metric,
-        "flywheel.challenger_score": str(challenger),
-        "flywheel.production_version": champion_version or "",
-        "flywheel.production_score": "" if champion is None else str(champion),
-        "flywheel.decision": "promoted" if decision.promote else "rejected",
-        "flywheel.reason": reason,
-    }
-    if pipeline.is_image:
-        tags.update(
-            {
-                "flywheel.image_shape": json.dumps(list(pipeline.image_shape)),
-                "flywheel.max_value": json.dumps(pipeline.max_value),
-            }
-        )
-    else:
-        tags["flywheel.features"] = json.dumps(list(pipeline.features))
-    if classes:
-        tags["flywheel.classes"] = json.dumps(classes)
-    for key, value in tags.items():
-        client.set_model_version_tag(pipeline.model_name, version, key, value)
-    previous = registry.promote(client, pipeline.model_name, version) if decision.promote else None
-    print(
-        f"{'PROMOTED' if decision.promote else 'REJECTED'} {pipeline.name} v{version}: {reason}",
-        file=sys.stderr,
-        flush=True,
-    )
+        evaluation = {
+            "flywheel.challenger_score": str(challenger),
+            "flywheel.production_version": champion_version or "",
+            "flywheel.production_score": "" if champion is None else str(champion),
+            "flywheel.decision": verdict,
+            "flywheel.reason": reason,
+        }
+        # Created with its tags in one call: no version ever exists without its provenance.
+        registry.ensure_model(client, pipeline.model_name)
+        version = client.create_model_version(
+            pipeline.model_name,
+            source=info.model_uri,
+            run_id=run_id,
+            model_id=info.model_id,
+            tags=version_tags(pipeline, ref, classes, evaluation),
+        ).version
+        version = str(version)
+        previous = registry.promote(client, pipeline.model_name, version) if decision.promote else None
+        mlflow.set_tags({"flywheel.decision": verdict, "flywheel.reason": reason, "flywheel.model_version": version})
+    print(f"{verdict.upper()} {pipeline.name} v{version}: {reason}", file=sys.stderr, flush=True)
     return {
         "pipeline": pipeline.name,
         "model_name": pipeline.model_name,
@@ -222,14 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flywheel.train", description=__doc__)
     parser.add_argument("--pipeline", required=True)
     parser.add_argument("--dataset", required=True, help="the dataset event's extra, as JSON")
-    parser.add_argument("--consumed", default="[]", help="every dataset event the DAG run consumed, as JSON")
     parser.add_argument("--airflow-run", default="")
     args = parser.parse_args(argv)
     settings = Settings.load()
     pipeline = pipelines.get(settings.pipelines_dir, args.pipeline)
     ref = data.DatasetRef.from_extra(json.loads(args.dataset))
     try:
-        result = run(settings, pipeline, ref, json.loads(args.consumed), args.airflow_run)
+        result = run(settings, pipeline, ref, args.airflow_run)
     except DatasetInvalid as exc:
         print(f"INVALID DATASET {exc}", file=sys.stderr)
         return 2

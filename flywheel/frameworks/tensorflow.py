@@ -122,8 +122,8 @@ def predict(model: Any, x: np.ndarray) -> np.ndarray:
     return probabilities(model, x).argmax(axis=1).astype(np.int64)
 
 
-def log_model(model: Any, example: np.ndarray, registered_model_name: str):
-    """Log the model to the active MLflow run (a `.keras` file, tensorflow flavor) and register it."""
+def log_model(model: Any, example: np.ndarray):
+    """Log the model to the active MLflow run (a `.keras` file, tensorflow flavor); train.py registers it."""
     import mlflow.tensorflow
     from mlflow.models import infer_signature
 
@@ -139,7 +139,6 @@ def log_model(model: Any, example: np.ndarray, registered_model_name: str):
             name="model",
             signature=infer_signature(example, probabilities(model, example)),
             input_example=example,
-            registered_model_name=registered_model_name,
             pip_requirements=pinned(*REQUIREMENTS),
         )
 

@@ -45,7 +45,8 @@ def _objective(model) -> str:
     return json.loads(model.save_config())["learner"]["objective"]["name"]
 
 
-def log_model(model, example: np.ndarray, registered_model_name: str):
+def log_model(model, example: np.ndarray):
+    """Log the model to the active MLflow run (train.py registers it, tags and all, in one call)."""
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
@@ -56,7 +57,6 @@ def log_model(model, example: np.ndarray, registered_model_name: str):
         name="model",
         signature=infer_signature(frame, model.inplace_predict(frame.to_numpy())),
         input_example=frame,
-        registered_model_name=registered_model_name,
         pip_requirements=pinned("xgboost-cpu", "numpy", "pandas"),
     )
 

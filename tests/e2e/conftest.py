@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -12,31 +11,9 @@ import pytest
 
 from flywheel import stack
 from flywheel.settings import Ports, Settings
+from tests.e2e.stack_ops import print_logs, processes_of
 
 PORT_OFFSET = 10000  # beside a developer's own stack on the default ports
-
-
-def processes_of(state: Path) -> list[str]:
-    """Every live process started for this state folder (found through its environment)."""
-    marker = f"FLYWHEEL_STATE_DIR={state}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if marker in (proc / "environ").read_bytes().split(b"\0"):
-                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"{proc.name}: {command[:120]}")
-        except OSError:
-            continue
-    return found
-
-
-def print_logs(settings: Settings, lines: int = 40) -> None:
-    for log in sorted(settings.logs.rglob("*.log")):
-        text = log.read_text(errors="replace").splitlines()[-lines:]
-        print(f"\n===== {log.relative_to(settings.logs)} (last {len(text)} lines) =====")
-        print("\n".join(line[:400] for line in text))
 
 
 @pytest.fixture(scope="session")

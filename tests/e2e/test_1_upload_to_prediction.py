@@ -67,7 +67,7 @@ def wait_for_version(settings, not_version: str | None) -> dict:
 
 @pytest.fixture(scope="module")
 def api(stack_settings):
-    client = AirflowAPI(stack_settings.airflow_url, "admin", stack_settings.secrets["AIRFLOW_ADMIN_PASSWORD"])
+    client = AirflowAPI.connect(stack_settings)
     yield client
     client.close()
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def api(stack_settings):
-    client = AirflowAPI(stack_settings.airflow_url, "admin", stack_settings.secrets["AIRFLOW_ADMIN_PASSWORD"])
+    client = AirflowAPI.connect(stack_settings)
     yield client
     client.close()
 
@@ -51,7 +51,13 @@ def test_a_worse_upload_is_rejected_and_the_old_version_keeps_serving(stack_sett
     put(stack_settings, "iris/shuffled-labels.csv", csv_bytes(shuffled))
     run = finished_run(api, "train_iris", before)
     states = {t["task_id"]: t["state"] for t in api.task_instances("train_iris", run["dag_run_id"])}
-    assert states == {"validate": "success", "train": "success", "publish": "skipped"}
+    assert states == {
+        "plan": "success",
+        "validate": "success",
+        "train": "success",
+        "publish": "skipped",
+        "account": "success",
+    }
     # The rejected challenger is registered and tagged, never served, and nothing was redeployed.
     rejected = mlflow_runs(stack_settings, "iris", "tags.`flywheel.decision` = 'rejected'")
     assert rejected, "no rejected training run in MLflow"

@@ -18,7 +18,7 @@ ROW = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
 
 @pytest.fixture(scope="module")
 def api(stack_settings):
-    client = AirflowAPI(stack_settings.airflow_url, "admin", stack_settings.secrets["AIRFLOW_ADMIN_PASSWORD"])
+    client = AirflowAPI.connect(stack_settings)
     yield client
     client.close()
 

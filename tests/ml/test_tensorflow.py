@@ -139,9 +139,9 @@ def registry(tmp_path_factory, digits, trained):
             model = framework.fit(_pipeline(epochs=2), digits.x_train, digits.y_train, num_classes=10)
             stdout = io.StringIO()
             with contextlib.redirect_stdout(stdout):
-                info = framework.log_model(trained, digits.x_holdout[:3], PIPELINE)
-        version = str(info.registered_model_version)
+                info = framework.log_model(trained, digits.x_holdout[:3])
         client = mlflow.MlflowClient()
+        client.create_registered_model(PIPELINE)
         tags = {
             "flywheel.pipeline": PIPELINE,
             "flywheel.framework": "tensorflow",
@@ -151,8 +151,10 @@ def registry(tmp_path_factory, digits, trained):
             "flywheel.classes": json.dumps(CLASSES),
             **{f"dataset.{name}": value for name, value in DATASET.items()},
         }
-        for key, value in tags.items():
-            client.set_model_version_tag(PIPELINE, version, key, value)
+        version = client.create_model_version(
+            PIPELINE, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id, tags=tags
+        ).version
+        version = str(version)
         yield SimpleNamespace(
             root=root,
             env=env,

@@ -58,8 +58,8 @@ COMPOSE_ONLY = {
     "airflow-worker": "Celery workers (profile celery)",
 }
 ONE_SHOT = {"minio-init", "flywheel-init"}
-# The compose service behind each settings.Ports port: what FLYWHEEL_<NAME>_HOST says. None: a log
-# server Airflow reaches through the worker's own hostname.
+# The compose service behind each settings.Ports port: what FLYWHEEL_<NAME>_HOST says. None: the
+# scheduler's health server, which only its own container's health check asks.
 PORT_HOME = {
     "minio": "minio",
     "minio_console": "minio",
@@ -70,8 +70,7 @@ PORT_HOME = {
     "nginx_exporter": "serving",
     "prometheus": "prometheus",
     "bridge": "events-bridge",
-    "airflow_worker_logs": None,
-    "airflow_trigger_logs": None,
+    "airflow_scheduler_health": None,
     "bento_base": "serving",
 }
 # Reached from the host in embedded mode (README), so published on 127.0.0.1 in compose.

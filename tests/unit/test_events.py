@@ -42,7 +42,6 @@ def test_url_encoded_keys_are_decoded():
 
 
 def test_records_without_a_dataset_are_dropped():
-    assert events.from_notification(notification("root.csv")) == []
     assert events.from_notification(notification("iris/")) == []
     assert events.from_notification(notification("iris/x.csv", name="s3:ObjectRemoved:Delete")) == []
     assert events.from_notification({}) == []
@@ -53,17 +52,7 @@ def test_unversioned_object_has_empty_version_id():
     assert event.version_id == ""
 
 
-def test_newest_picks_the_latest_upload_of_a_folded_run():
-    extras = [
-        {"key": "iris/a.csv", "event_time": "2026-11-23T06:00:00Z"},
-        {"key": "iris/c.csv", "event_time": "2026-11-23T06:02:00Z"},
-        {"key": "iris/b.csv", "event_time": "2026-11-23T06:01:00Z"},
-    ]
-    assert events.newest(extras)["key"] == "iris/c.csv"
-
-
-def test_newest_of_nothing_is_an_error():
-    import pytest
-
-    with pytest.raises(ValueError):
-        events.newest([])
+def test_a_key_outside_any_pipeline_folder_is_kept_for_the_dead_letters():
+    [event] = events.from_notification(notification("root.csv"))
+    assert event.pipeline == ""
+    assert event.key == "root.csv"

@@ -1,0 +1,186 @@
+"""What the end-to-end tests do to the real stack: upload, wait, predict, kill, and look for orphans."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from flywheel import reaper, stack
+from flywheel.airflow_api import AirflowAPI
+from flywheel.data import minio_client
+from flywheel.mlflow_api import MlflowAPI
+from flywheel.settings import Settings
+
+DEADLINE = 600  # seconds for one upload to be served; CI is a cold 2-core machine
+IRIS_COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+
+def iris_rows() -> list[list]:
+    """Iris as scikit-learn ships it, read from the ML venv's files (the platform env has no sklearn)."""
+    settings = Settings.load()
+    path = next((settings.venv_ml / "lib").glob("python3*/site-packages/sklearn/datasets/data/iris.csv"))
+    with path.open() as f:
+        reader = csv.reader(f)
+        _, _, *names = next(reader)
+        return [[float(v) for v in row[:4]] + [names[int(row[4])]] for row in reader]
+
+
+ROWS = iris_rows()
+HOLDOUT = ROWS[::5]  # every fifth row never reaches training: the served model's accuracy is measured on it
+TRAINING = [r for i, r in enumerate(ROWS) if i % 5]
+ROW = HOLDOUT[0][:4]
+
+
+def csv_bytes(rows: list[list], columns=(*IRIS_COLUMNS, "species")) -> bytes:
+    lines = [",".join(columns)] + [",".join(str(v) for v in row) for row in rows]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def put(settings: Settings, key: str, body: bytes, bucket: str = "datasets") -> dict:
+    result = minio_client(settings).put_object(bucket, key, io.BytesIO(body), len(body), content_type="text/csv")
+    return {"key": key, "etag": result.etag, "version_id": result.version_id}
+
+
+def predict(settings: Settings, body, path: str = "/iris/predict", **kwargs) -> httpx.Response:
+    return httpx.post(f"{settings.predict_url}{path}", timeout=30, **({"json": body} if body is not None else kwargs))
+
+
+def served(settings: Settings, pipeline: str = "iris", row=None) -> dict | None:
+    """The answer's model and dataset, or None while nothing serves."""
+    try:
+        r = predict(settings, {"inputs": [row or ROW]}, path=f"/{pipeline}/predict")
+    except httpx.HTTPError:
+        return None
+    return r.json() if r.status_code == 200 else None
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 2.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"not within {timeout:.0f}s: {what}")
+
+
+def wait_for_version(settings: Settings, not_version: str | None, pipeline: str = "iris") -> dict:
+    def changed():
+        body = served(settings, pipeline)
+        return body if body and body["model"]["version"] != not_version else None
+
+    return wait_until(changed, DEADLINE, f"a {pipeline} version other than {not_version} served")
+
+
+def newest_upload(settings: Settings, prefix: str) -> dict:
+    """MinIO's newest object under the prefix (the platform's definition of the newest upload)."""
+    client = minio_client(settings)
+    objs = [o for o in client.list_objects("datasets", prefix=prefix, recursive=True) if not o.is_dir]
+    best = max(objs, key=lambda o: (o.last_modified, o.object_name))
+    return {"key": best.object_name, "version_id": client.stat_object("datasets", best.object_name).version_id}
+
+
+def settled_runs(api: AirflowAPI, dag_id: str, timeout: float = 240) -> list[dict]:
+    """The DAG's runs once none is queued or running."""
+    return wait_until(
+        lambda: (runs := api.dag_runs(dag_id)) and all(r["state"] in ("success", "failed") for r in runs) and runs,
+        timeout,
+        f"{dag_id} has no unfinished run",
+    )
+
+
+def mlflow_runs(settings: Settings, experiment: str, filter_string: str = "") -> list[dict]:
+    with MlflowAPI.connect(settings) as mlflow:
+        return mlflow.search_runs(experiment, filter_string, max_results=1000)
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+def program_pid(settings: Settings, name: str) -> int:
+    return stack.supervisor(settings).getProcessInfo(name)["pid"]
+
+
+def orphans(settings: Settings) -> list[str]:
+    """Processes of the stack that no program owns any more (see flywheel/reaper.py)."""
+    supervisord = int((settings.state / "supervisord.pid").read_text())
+    return [_describe(pid) for pid in reaper.orphans(f"unix://{settings.state / 'supervisor.sock'}", supervisord)]
+
+
+def _describe(pid: int) -> str:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        return f"{pid}: {command[:120]}"
+    except OSError:
+        return f"{pid}: (gone)"
+
+
+def descendants(pid: int) -> set[int]:
+    procs = reaper.snapshot()
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p.pid for p in procs.values() if p.ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def kill_9(settings: Settings, name: str, health: str | None = None, timeout: float = 60) -> dict:
+    """kill -9 a program's main process; wait until supervisord has it RUNNING again (and healthy).
+
+    Returns the old and new pids, the old process's descendants still alive afterwards, and the
+    seconds until the program was back.
+    """
+    old = program_pid(settings, name)
+    children = descendants(old)
+    started = time.monotonic()
+    os.kill(old, signal.SIGKILL)
+
+    def back():
+        info = stack.supervisor(settings).getProcessInfo(name)
+        if info["statename"] != "RUNNING" or info["pid"] in (0, old):
+            return False
+        if health:
+            try:
+                return httpx.get(health, timeout=2).status_code < 300
+            except httpx.HTTPError:
+                return False
+        return True
+
+    wait_until(back, timeout, f"{name} back after kill -9", interval=0.2)
+    recovered = time.monotonic() - started
+    time.sleep(1)  # the reaper's listener acts on the exit event
+    survivors = [pid for pid in children if (p := reaper._read(pid)) is not None and not p.zombie]
+    return {"old": old, "new": program_pid(settings, name), "survivors": survivors, "seconds": recovered}
+
+
+def processes_of(state: Path) -> list[str]:
+    """Every live process started for this state folder (found through its environment)."""
+    marker = f"FLYWHEEL_STATE_DIR={state}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{proc.name}: {command[:120]}")
+        except OSError:
+            continue
+    return found
+
+
+def print_logs(settings: Settings, lines: int = 40) -> None:
+    for log in sorted(settings.logs.rglob("*.log")):
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        print(f"\n===== {log.relative_to(settings.logs)} (last {len(text)} lines) =====")
+        print("\n".join(line[:400] for line in text))
+
+
+def airflow(settings: Settings) -> AirflowAPI:
+    return AirflowAPI.connect(settings)

@@ -1,0 +1,211 @@
+"""End to end: every upload trained or accounted for, and every crash survived, on the real stack.
+
+The platform's promise is "the newest data ends up served". These tests keep it under a burst of
+concurrent uploads, with the bridge down, after uploads no pipeline owns, and under `kill -9` of
+every program, each bounded in time. Figures print for docs/measurements.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from flywheel import deadletter, deploy, loadgen, stack, topology, uploads
+from flywheel.mlflow_api import MlflowAPI
+from tests.e2e.stack_ops import (
+    DEADLINE,
+    ROW,
+    TRAINING,
+    airflow,
+    csv_bytes,
+    kill_9,
+    mlflow_runs,
+    newest_upload,
+    orphans,
+    processes_of,
+    put,
+    served,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def iris_upload(i: int) -> bytes:
+    """A valid iris table, different for each i (rows rotated), so every upload is a new version."""
+    k = i % len(TRAINING)
+    return csv_bytes(TRAINING[k:] + TRAINING[:k])
+
+
+def ledger(settings, pipeline: str = "iris") -> dict[str, dict]:
+    """Every upload accounted for in MLflow, by version id: its role and the run that recorded it."""
+    found = {}
+    with MlflowAPI.connect(settings) as mlflow:
+        for run in mlflow.search_runs(pipeline, f"tags.`{uploads.UPLOADS_TAG}` LIKE '%'", max_results=1000):
+            entries = json.loads(mlflow.run_artifact(run["info"]["run_id"], uploads.UPLOADS_ARTIFACT))
+            for entry in entries:
+                found[entry["version_id"]] = {**entry, "run": run["info"]["run_id"]}
+    return found
+
+
+def wait_served(settings, upload: dict, pipeline: str = "iris") -> dict:
+    """Until /predict answers from a model trained on exactly this upload."""
+    return wait_until(
+        lambda: (body := served(settings, pipeline)) and body["dataset"]["version_id"] == upload["version_id"] and body,
+        DEADLINE,
+        f"{upload['key']} (version {upload['version_id']}) served",
+    )
+
+
+def wait_accounted(settings, uploaded: list[dict], timeout: float = 300) -> dict[str, dict]:
+    """Until every upload is in the ledger (a run still to come may have to account for the last ones)."""
+
+    def complete():
+        found = ledger(settings)
+        return found if all(u["version_id"] in found for u in uploaded) else None
+
+    return wait_until(complete, timeout, "every upload accounted for in MLflow", interval=5)
+
+
+def test_a_burst_of_uploads_ends_with_the_newest_trained_and_served(stack_settings):
+    n = 24
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        uploaded = list(pool.map(lambda i: put(stack_settings, f"iris/burst/{i:02d}.csv", iris_upload(i)), range(n)))
+    burst_ended = time.monotonic()
+    newest = newest_upload(stack_settings, "iris/")
+    assert newest["version_id"] in {u["version_id"] for u in uploaded}
+    body = wait_served(stack_settings, newest)
+    to_served = time.monotonic() - burst_ended
+    found = wait_accounted(stack_settings, uploaded)
+    with airflow(stack_settings) as api:
+        event_versions = {e["extra"].get("version_id") for e in api.asset_events("s3://datasets/iris", limit=100)}
+        runs = [r for r in api.dag_runs("train_iris") if r["state"] in ("success", "failed", "running", "queued")]
+    lost = [u["key"] for u in uploaded if u["version_id"] not in event_versions]
+    stranded = [u["key"] for u in uploaded if u["version_id"] not in found]
+    roles = [found[u["version_id"]]["role"] for u in uploaded]
+    print(
+        f"\nburst of {n}: served {newest['key']} {to_served:.1f}s after the burst ended; lost {len(lost)}, "
+        f"stranded {len(stranded)}; roles {dict((r, roles.count(r)) for r in set(roles))}; train runs {len(runs)}"
+    )
+    assert lost == [] and stranded == []
+    assert found[newest["version_id"]]["role"] == "trained"
+    assert set(roles) <= {"trained", "superseded", "already-trained"}
+    assert body["model"]["version"]
+
+
+def test_uploads_made_while_the_bridge_is_down_are_trained_once_it_is_back(stack_settings):
+    sup = stack.supervisor(stack_settings)
+    sup.stopProcess("events-bridge")
+    try:
+        uploaded = [put(stack_settings, f"iris/bridge-down/{i}.csv", iris_upload(100 + i)) for i in range(3)]
+        time.sleep(3)
+    finally:
+        sup.startProcess("events-bridge")
+    wait_served(stack_settings, uploaded[-1])
+    found = wait_accounted(stack_settings, uploaded)
+    assert found[uploaded[-1]["version_id"]]["role"] == "trained"
+
+
+def test_an_upload_no_pipeline_owns_is_dead_lettered_and_the_next_ones_train(stack_settings):
+    before = deadletter.count(stack_settings)
+    put(stack_settings, "stray.csv", iris_upload(0))  # the bucket's root: no pipeline folder
+    put(stack_settings, "nopipeline/x.csv", iris_upload(1))
+    good = put(stack_settings, "iris/after-dead-letters.csv", iris_upload(200))
+    wait_served(stack_settings, good)
+    letters = deadletter.read_all(stack_settings)
+    assert len(letters) >= before + 2
+    reasons = {letter["upload"]["key"]: letter["reason"] for letter in letters}
+    assert "no pipeline owns the root of datasets/" in reasons["stray.csv"]
+    assert "no pipeline owns datasets/nopipeline/" in reasons["nopipeline/x.csv"]
+    for path in deadletter.folder(stack_settings).glob("*.json"):
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+    metrics = httpx.get(f"{stack_settings.url(stack_settings.ports.bridge)}/metrics").text
+    assert f"flywheel_bridge_dead_letters {float(len(letters))}" in metrics
+
+
+def test_kill_9_of_the_scheduler_mid_training_retries_the_run_and_leaves_no_orphans(stack_settings):
+    upload = put(stack_settings, "iris/scheduler-kill.csv", iris_upload(300))
+    with airflow(stack_settings) as api:
+
+        def training():
+            for run in api.dag_runs("train_iris", limit=3):
+                states = {t["task_id"]: t["state"] for t in api.task_instances("train_iris", run["dag_run_id"])}
+                if states.get("train") == "running":
+                    return run
+            return None
+
+        run = wait_until(training, DEADLINE, "train_iris's train task running", interval=0.5)
+        killed = kill_9(stack_settings, "airflow-scheduler")
+        left = orphans(stack_settings)
+        print(f"\nscheduler back in {killed['seconds']:.1f}s; survivors {killed['survivors']}; orphans {left}")
+        assert killed["survivors"] == [] and left == []
+        assert killed["seconds"] < 15
+        killed_at = time.monotonic()
+        finished = wait_until(
+            lambda: (
+                (r := api.get(f"/dags/train_iris/dagRuns/{run['dag_run_id']}"))["state"] in ("success", "failed") and r
+            ),
+            DEADLINE,
+            "the interrupted run finished",
+        )
+        tries = {t["task_id"]: t["try_number"] for t in api.task_instances("train_iris", run["dag_run_id"])}
+    print(f"interrupted run {finished['state']} {time.monotonic() - killed_at:.0f}s after the kill; tries {tries}")
+    assert finished["state"] == "success"
+    wait_served(stack_settings, upload)
+    assert mlflow_runs(stack_settings, "iris", "attributes.status = 'RUNNING'") == []
+
+
+def test_kill_9_of_a_bento_under_load_restarts_it_and_leaves_no_orphans(stack_settings):
+    live = deploy.current(stack_settings, "iris")
+    url = f"{stack_settings.predict_url}/iris/predict"
+    load = loadgen.start(url, {"inputs": [ROW]}, connections=8, seconds=25)
+    time.sleep(5)
+    killed = kill_9(stack_settings, live.program, health=f"{stack_settings.url(live.port)}/readyz")
+    stats = loadgen.finish(load)
+    print(
+        f"\nbento {live.program} back in {killed['seconds']:.1f}s; {stats['failed']} of {stats['requests']} "
+        f"requests failed meanwhile; survivors {killed['survivors']}"
+    )
+    assert killed["survivors"] == [] and orphans(stack_settings) == []
+    assert served(stack_settings)["model"]["version"] == live.version
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "minio",
+        "mlflow",
+        "airflow-api-server",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "events-bridge",
+        "nginx",
+        "nginx-exporter",
+        "prometheus",
+    ],
+)
+def test_every_program_is_back_within_15s_of_a_kill_9_and_leaves_nothing_behind(stack_settings, program):
+    health = {svc.name: svc.health for svc in topology.services(stack_settings)}[program]
+    killed = kill_9(stack_settings, program, health=health)
+    print(f"\n{program}: back and healthy in {killed['seconds']:.1f}s; survivors {killed['survivors']}")
+    assert killed["survivors"] == [], f"{program}'s children outlived it"
+    assert orphans(stack_settings) == []
+    assert killed["seconds"] < 15
+
+
+def test_down_after_kill_9_of_supervisord_leaves_no_process_and_up_restores_the_stack(stack_settings):
+    pid = int((stack_settings.state / "supervisord.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(1)
+    assert processes_of(stack_settings.state), "the stack died with supervisord: nothing to sweep"
+    stack.down(stack_settings)
+    assert processes_of(stack_settings.state) == []
+    stack.up(stack_settings, progress=print, timeout=300)
+    assert wait_until(lambda: served(stack_settings), 120, "iris served again after up")
