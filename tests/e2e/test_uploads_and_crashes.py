@@ -129,6 +129,30 @@ def test_an_upload_no_pipeline_owns_is_dead_lettered_and_the_next_ones_train(sta
     assert f"flywheel_bridge_dead_letters {float(len(letters))}" in metrics
 
 
+def test_an_upload_whose_run_failed_for_good_is_retrained_by_the_reconciler(stack_settings):
+    """MLflow down: the run fails before deciding anything, so its upload stays pending; once MLflow
+    is back, the bridge's reconciler re-emits the upload's event and it trains."""
+    sup = stack.supervisor(stack_settings)
+    with airflow(stack_settings) as api:
+        before = {r["dag_run_id"] for r in api.dag_runs("train_iris")}
+        sup.stopProcess("mlflow")
+        try:
+            upload = put(stack_settings, "iris/while-mlflow-was-down.csv", iris_upload(400))
+            wait_until(
+                lambda: [
+                    r for r in api.dag_runs("train_iris") if r["dag_run_id"] not in before and r["state"] == "failed"
+                ],
+                DEADLINE,
+                "the run without MLflow failed",
+            )
+        finally:
+            sup.startProcess("mlflow")
+    wait_served(stack_settings, upload)
+    metrics = httpx.get(f"{stack_settings.url(stack_settings.ports.bridge)}/metrics").text
+    assert 'flywheel_bridge_reconciled_total{pipeline="iris"}' in metrics
+    assert ledger(stack_settings)[upload["version_id"]]["role"] == "trained"
+
+
 def test_kill_9_of_the_scheduler_mid_training_retries_the_run_and_leaves_no_orphans(stack_settings):
     upload = put(stack_settings, "iris/scheduler-kill.csv", iris_upload(300))
     with airflow(stack_settings) as api:
