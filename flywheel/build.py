@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from flywheel import routes
 from flywheel.runner import emit
 from flywheel.settings import REPO_ROOT, Settings
 
@@ -360,6 +361,8 @@ def build(pipeline_name: str, version: str) -> dict[str, Any]:
 
     spec = _read_spec(pipeline_name, version)
     spec["batching"] = _batching(settings, pipeline_name)
+    # The largest legal request, the number Nginx's body limit is sized from (flywheel/routes.py).
+    spec["max_inputs"] = routes.MAX_IMAGES if spec["framework"] == "tensorflow" else routes.MAX_ROWS
     _ensure_model(spec)
     tag = bento_tag(pipeline_name, version)
     if _in_store(bentoml.bentos.get, tag) is not None:

@@ -87,10 +87,20 @@ def cmd_rollback(settings: Settings, args) -> int:
 
 
 def upload(settings: Settings, path: Path, pipeline: str, key: str | None = None) -> dict:
+    """Upload a file as datasets/<pipeline>/<key>; a folder (an IDX set) goes up as datasets/<pipeline>/<key>/
+    file by file, its `_SUCCESS` marker last, so the set's run starts once the set is whole."""
     from flywheel.data import minio_client
+    from flywheel.pipelines import READY_MARKER
 
+    client = minio_client(settings)
     key = f"{pipeline}/{key or path.name}"
-    result = minio_client(settings).fput_object(settings.datasets_bucket, key, str(path))
+    if path.is_dir():
+        files = sorted(path.iterdir(), key=lambda f: (f.name == READY_MARKER, f.name))
+        return {
+            "set": key,
+            "objects": [upload(settings, f, pipeline, f"{key.split('/', 1)[1]}/{f.name}") for f in files],
+        }
+    result = client.fput_object(settings.datasets_bucket, key, str(path))
     return {"bucket": settings.datasets_bucket, "key": key, "etag": result.etag, "version_id": result.version_id}
 
 

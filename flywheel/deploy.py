@@ -10,76 +10,110 @@ from pathlib import Path
 
 import httpx
 
-from flywheel import pipelines, stack
+from flywheel import routes, stack
 from flywheel.metrics import SMOKE_ARTIFACT, score
 from flywheel.mlflow_api import MlflowAPI
 from flywheel.pipelines import Pipeline
+from flywheel.routes import COLOURS
 from flywheel.settings import Settings
 
-COLOURS = ("blue", "green")
 DRAIN_SECONDS = 2.0
 
 
 class DeployFailed(RuntimeError):
-    """The new Bento never became healthy or failed its smoke test; the old one keeps serving."""
+    """The new Bentos never became healthy or failed their smoke test; the old ones keep serving."""
 
 
 @dataclass(frozen=True)
 class Deployment:
+    """What serves a pipeline: one colour's replicas of one bento, behind Nginx since `deployed_at`."""
+
     pipeline: str
     version: str
     bento_tag: str
     colour: str
-    port: int
+    ports: tuple[int, ...]
     deployed_at: float
 
     @property
-    def program(self) -> str:
-        return program_name(self.pipeline, self.colour)
+    def group(self) -> str:
+        return group_name(self.pipeline, self.colour)
+
+    @property
+    def programs(self) -> list[str]:
+        return [f"{self.group}:{replica_name(self.pipeline, self.colour, i)}" for i in range(len(self.ports))]
 
 
-def program_name(pipeline: str, colour: str) -> str:
+def group_name(pipeline: str, colour: str) -> str:
+    """The supervisord group of one colour's replicas."""
     return f"bento-{pipeline}-{colour}"
+
+
+def replica_name(pipeline: str, colour: str, replica: int) -> str:
+    return f"{group_name(pipeline, colour)}-{replica}"
 
 
 def _record_path(settings: Settings, pipeline: str) -> Path:
     return settings.state / "deployments" / f"{pipeline}.json"
 
 
+def _read(path: Path) -> Deployment:
+    record = json.loads(path.read_text())
+    record["ports"] = tuple(record.get("ports") or [record.pop("port")])  # records before replicas
+    record.pop("port", None)
+    return Deployment(**record)
+
+
 def current(settings: Settings, pipeline: str) -> Deployment | None:
     path = _record_path(settings, pipeline)
-    return Deployment(**json.loads(path.read_text())) if path.exists() else None
+    return _read(path) if path.exists() else None
 
 
-def _conf_path(settings: Settings, program: str) -> Path:
-    return settings.state / "supervisor" / "conf.d" / f"{program}.conf"
+def all_current(settings: Settings) -> list[Deployment]:
+    """Every pipeline's live deployment, whether or not its pipeline file still exists."""
+    return [_read(path) for path in sorted((settings.state / "deployments").glob("*.json"))]
 
 
-def _remove_program(settings: Settings, program: str) -> None:
+def _conf_path(settings: Settings, group: str) -> Path:
+    return settings.state / "supervisor" / "conf.d" / f"{group}.conf"
+
+
+def _remove_group(settings: Settings, group: str) -> None:
     sup = stack.supervisor(settings)
-    names = {p["name"] for p in sup.getAllProcessInfo()}
-    if program in names:
+    groups = {p["group"] for p in sup.getAllProcessInfo()}
+    if group in groups:
         with contextlib.suppress(Exception):  # already stopped
-            sup.stopProcess(program, True)
-        sup.removeProcessGroup(program)
-    _conf_path(settings, program).unlink(missing_ok=True)
+            sup.stopProcessGroup(group, True)
+        sup.removeProcessGroup(group)
+    _conf_path(settings, group).unlink(missing_ok=True)
 
 
-def _start_program(settings: Settings, program: str, bento_tag: str, port: int) -> None:
-    command = [
-        str(settings.venv_ml / "bin" / "bentoml"),
-        "serve",
-        bento_tag,
-        "--host",
-        settings.host,
-        "--port",
-        str(port),
+def _start_group(settings: Settings, pipeline: str, colour: str, bento_tag: str, ports: list[int]) -> None:
+    """One supervisord program per replica, each pinned to its own core, started together as a group."""
+    group = group_name(pipeline, colour)
+    lines = []
+    for i, port in enumerate(ports):
+        command = [
+            str(settings.venv_ml / "bin" / "bentoml"),
+            "serve",
+            bento_tag,
+            "--host",
+            settings.host,
+            "--port",
+            str(port),
+        ]
+        name = replica_name(pipeline, colour, i)
+        env = {**settings.client_env(), "FLYWHEEL_REQUEST_LOG": str(settings.logs / f"{name}.requests.log")}
+        lines += stack.program(settings, name, command, env, priority=200, cpus=routes.cpus_for(i))
+    lines += [
+        f"[group:{group}]",
+        f"programs={','.join(replica_name(pipeline, colour, i) for i in range(len(ports)))}",
+        "",
     ]
-    lines = stack.program(settings, program, command, settings.client_env(), priority=200)
-    _conf_path(settings, program).write_text("\n".join(lines))
+    _conf_path(settings, group).write_text("\n".join(lines))
     sup = stack.supervisor(settings)
     sup.reloadConfig()
-    sup.addProcessGroup(program)
+    sup.addProcessGroup(group)
 
 
 # A served model must reproduce the score it was promoted with, on the same rows, within this.
@@ -127,64 +161,69 @@ def mark_failed(settings: Settings, pipeline: str, version: str, reason: str) ->
         mlflow.close()
 
 
-def _switch_nginx(settings: Settings, pipeline: str, port: int) -> None:
-    upstream = settings.state / stack.NGINX_DIR / "upstreams" / f"{pipeline}.conf"
-    tmp = upstream.with_suffix(".tmp")
-    tmp.write_text(stack.upstream_conf(pipeline, settings.host, port))
-    tmp.rename(upstream)
-    stack.supervisor(settings).signalProcess("nginx", "HUP")  # graceful: old workers finish their requests
-
-
-def _write_scrape_target(settings: Settings, deployment: Deployment) -> None:
-    target = settings.state / "prometheus" / "targets" / f"{deployment.pipeline}.json"
-    labels = {"pipeline": deployment.pipeline, "model_version": deployment.version, "colour": deployment.colour}
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps([{"targets": [f"{settings.host}:{deployment.port}"], "labels": labels}]))
-    tmp.rename(target)
+def _record(settings: Settings, pipeline: str, deployment: Deployment | None) -> None:
+    """What serves the pipeline from now on; routes.sync points Nginx and Prometheus at it."""
+    path = _record_path(settings, pipeline)
+    if deployment is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(deployment)))
+        tmp.rename(path)
+    routes.sync(settings)
 
 
 def rollout(
     settings: Settings, pipeline: Pipeline, version: str, bento_tag: str, ready_timeout: float = 180, log=print
 ) -> Deployment:
-    """Start the idle colour, prove it, switch Nginx, stop the old colour; on any failure keep the old."""
+    """Start the idle colour's replicas, prove each, switch Nginx, stop the old colour; on failure keep the old."""
     live = current(settings, pipeline.name)
     colour = "blue" if live is None or live.colour == "green" else "green"
-    port = settings.bento_port(pipelines.index_of(settings.pipelines_dir, pipeline.name), colour)
-    program = program_name(pipeline.name, colour)
-    url = settings.url(port)
-    keeps = f"{live.program} (v{live.version}) keeps serving" if live else "nothing was serving"
-    log(f"starting {bento_tag} as {program} on {url} (live: {live.program if live else 'none'})")
-    _remove_program(settings, program)
-    _start_program(settings, program, bento_tag, port)
+    ports = routes.replica_ports(settings, pipeline.name, colour, pipeline.replicas)
+    group = group_name(pipeline.name, colour)
+    keeps = f"{live.group} (v{live.version}) keeps serving" if live else "nothing was serving"
+    log(f"starting {bento_tag} as {group}: {len(ports)} replica(s) on ports {ports}; {keeps} meanwhile")
+    _remove_group(settings, group)
+    _start_group(settings, pipeline.name, colour, bento_tag, ports)
+    deployment = Deployment(pipeline.name, str(version), bento_tag, colour, tuple(ports), time.time())
     switched = False
     try:
-        stack.wait_healthy(f"{url}/readyz", ready_timeout, program)
         smoke = load_smoke_set(settings, pipeline.name, version)
-        got = smoke_test(url, version, smoke)
-        log(
-            f"{program} answers as v{version}: {smoke['metric']} {got:.4f} on {len(smoke['truth'])} holdout rows "
-            f"(recorded {smoke['recorded']:.4f}); switching Nginx"
-        )
-        _switch_nginx(settings, pipeline.name, port)
+        for i, port in enumerate(ports):
+            url = settings.url(port)
+            stack.wait_healthy(f"{url}/readyz", ready_timeout, replica_name(pipeline.name, colour, i))
+            got = smoke_test(url, version, smoke)
+            log(
+                f"replica {i} ({url}) answers as v{version}: {smoke['metric']} {got:.4f} on {len(smoke['truth'])} "
+                f"holdout rows (recorded {smoke['recorded']:.4f})"
+            )
+        log(f"switching Nginx to {group}")
+        _record(settings, pipeline.name, deployment)
         switched = True
         _wait_served(settings, pipeline, version, smoke)
     except (DeployFailed, stack.StackError, RuntimeError, httpx.HTTPError) as exc:
-        if switched and live is not None:
-            _switch_nginx(settings, pipeline.name, live.port)
-        _remove_program(settings, program)
+        if switched:
+            _record(settings, pipeline.name, live)
+        _remove_group(settings, group)
         reason = f"{pipeline.name} v{version} not deployed, {keeps}: {exc}"
         mark_failed(settings, pipeline.name, version, reason)
         raise DeployFailed(reason) from exc
-    deployment = Deployment(pipeline.name, str(version), bento_tag, colour, port, time.time())
-    _write_scrape_target(settings, deployment)
-    record = _record_path(settings, pipeline.name)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(asdict(deployment)))
     if live is not None and live.colour != colour:
         time.sleep(DRAIN_SECONDS)  # requests in flight on the old colour finish
-        _remove_program(settings, live.program)
-        log(f"stopped {live.program} (v{live.version})")
+        _remove_group(settings, live.group)
+        log(f"stopped {live.group} (v{live.version})")
     return deployment
+
+
+def retire(settings: Settings, pipeline: str) -> Deployment | None:
+    """Stop serving a pipeline: its Bentos stop, and its route, scrape targets and ports go once its
+    file is gone too (routes.sync). Returns what served it."""
+    live = current(settings, pipeline)
+    for colour in COLOURS:
+        _remove_group(settings, group_name(pipeline, colour))
+    _record(settings, pipeline, None)
+    return live
 
 
 def _wait_served(settings: Settings, pipeline: Pipeline, version: str, smoke: dict, timeout: float = 15) -> None:

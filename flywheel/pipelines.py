@@ -16,6 +16,8 @@ FRAMEWORKS = ("xgboost", "tensorflow")
 # Higher is better unless listed here: the gate needs to know which way "beats" points.
 LOWER_IS_BETTER = ("rmse", "mae")
 METRICS = {"classification": ("accuracy",), "regression": ("rmse", "mae", "r2")}
+# Replicas per colour at most: each pipeline's port block holds this many per colour.
+MAX_REPLICAS = 8
 # A multi-object dataset (IDX images + labels) is complete when this marker lands in its folder.
 READY_MARKER = "_SUCCESS"
 IDX_PARTS = ("images", "labels")
@@ -56,6 +58,7 @@ class Pipeline:
     seed: int = 42
     validation: Validation = Validation()
     batching: bool = False  # BentoML adaptive batching for the served model (serving.batching)
+    replicas: int = 2  # Bento servers per colour behind Nginx, spread over the cores (serving.replicas)
     source: str = ""
 
     # Asset URIs: the names the Airflow Asset view shows.
@@ -197,11 +200,19 @@ def parse(data: Any, source: str) -> Pipeline:
     if holdout_object and not str(holdout_object).startswith(prefix):
         raise PipelineError(f"{source}: field 'holdout.object' must be a key under {prefix}")
     params = _section(data, "params", source)
-    batching = _section(data, "serving", source).get("batching", False)
+    serving = _section(data, "serving", source)
+    unknown_serving = sorted(set(serving) - {"batching", "replicas"})
+    if unknown_serving:
+        raise PipelineError(f"{source}: unknown field(s) serving.{', serving.'.join(unknown_serving)}")
+    batching = serving.get("batching", False)
     if not isinstance(batching, bool):
         raise PipelineError(f"{source}: field 'serving.batching' must be true or false, got {batching!r}")
+    replicas = _number(serving, "replicas", source, 2, 1, MAX_REPLICAS, "serving.")
+    if not isinstance(replicas, int):
+        raise PipelineError(f"{source}: field 'serving.replicas' must be a whole number, got {replicas!r}")
     return Pipeline(
         batching=batching,
+        replicas=replicas,
         name=name,
         dataset_prefix=prefix,
         format=fmt,
@@ -253,9 +264,3 @@ def get(directory: Path, name: str) -> Pipeline:
     if not path.exists():
         raise PipelineError(f"no pipeline named {name!r} (looked for {path})")
     return load(path)
-
-
-def index_of(directory: Path, name: str) -> int:
-    """A stable small number per pipeline, used to give each its own pair of Bento ports."""
-    names = sorted(p.stem for p in directory.glob("*.yaml"))
-    return names.index(name)

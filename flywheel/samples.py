@@ -46,9 +46,37 @@ def digits(seed: int | None = None):
     return x, y
 
 
+def mnist(seed: int | None = None):
+    """MNIST-format 28x28 images (values 0..255) made from the 8x8 digits: each pixel a 3x3 block,
+    centred with a 2-pixel border, as MNIST centres its digits in a 28x28 field."""
+    import numpy as np
+
+    x, y = digits(seed)
+    big = np.kron(x.astype(np.float32) * (255 / 16), np.ones((1, 3, 3), dtype=np.float32))
+    return np.pad(big, ((0, 0), (2, 2), (2, 2))).round().astype(np.uint8), y
+
+
+MNIST_PARTS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+
+
 def write(name: str, output: Path, seed: int | None = None, shuffle_labels: bool = False) -> Path:
-    """Write a sample in its pipeline's format: iris CSV, diabetes Parquet, digits NPZ."""
+    """Write a sample in its pipeline's format: iris CSV, diabetes Parquet, digits NPZ, mnist an IDX
+    set (a folder: images, labels, then the `_SUCCESS` marker that starts the run)."""
     output.parent.mkdir(parents=True, exist_ok=True)
+    if name == "mnist":
+        import numpy as np
+
+        from flywheel import images
+        from flywheel.pipelines import READY_MARKER
+
+        x, y = mnist(seed)
+        if shuffle_labels:
+            y = np.random.default_rng(0).permutation(y)
+        output.mkdir(parents=True, exist_ok=True)
+        for part, blob in zip(MNIST_PARTS, images.write_idx(x, y)):
+            (output / part).write_bytes(blob)
+        (output / READY_MARKER).write_bytes(b"")
+        return output
     if name == "digits":
         import numpy as np
 
@@ -72,7 +100,7 @@ def write(name: str, output: Path, seed: int | None = None, shuffle_labels: bool
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flywheel.samples", description=__doc__)
-    parser.add_argument("name", choices=["iris", "diabetes", "digits"])
+    parser.add_argument("name", choices=["iris", "diabetes", "digits", "mnist"])
     parser.add_argument("output", type=Path)
     parser.add_argument("--seed", type=int, default=None, help="shuffle rows (a different upload, same data)")
     parser.add_argument("--shuffle-labels", action="store_true", help="scramble the labels: a worse dataset")

@@ -78,7 +78,7 @@ class Ports:
     prometheus: int = 9090
     bridge: int = 8090
     airflow_scheduler_health: int = 8974
-    bento_base: int = 3100  # each pipeline gets two ports from here: blue and green
+    bento_base: int = 3100  # each pipeline gets a block of ports from here, recorded (flywheel/routes.py)
 
 
 @dataclass(frozen=True)
@@ -181,9 +181,6 @@ class Settings:
     def prometheus_url(self) -> str:
         return self.url(self.ports.prometheus)
 
-    def bento_port(self, pipeline_index: int, colour: str) -> int:
-        return self.ports.bento_base + 2 * pipeline_index + (0 if colour == "blue" else 1)
-
     def port_env(self) -> dict[str, str]:
         return {f"FLYWHEEL_{name.upper()}_PORT": str(port) for name, port in asdict(self.ports).items()}
 
@@ -196,6 +193,7 @@ class Settings:
             **{f"FLYWHEEL_{name.upper()}_HOST": host for name, host in self.hosts.items()},
             "FLYWHEEL_REPO": str(self.repo),
             "FLYWHEEL_STATE_DIR": str(self.state),
+            "FLYWHEEL_PIPELINES_DIR": str(self.pipelines_dir),
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "MLFLOW_S3_ENDPOINT_URL": self.url(self.ports.minio),
             "AWS_ACCESS_KEY_ID": user,

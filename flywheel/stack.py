@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from flywheel import pipelines, topology
+from flywheel import routes, topology
 from flywheel.settings import Settings
 
 NGINX_DIR = "nginx"
@@ -108,28 +108,19 @@ def program(
     return [*lines, ""]
 
 
-def nginx_conf(settings: Settings, pipeline_names: list[str]) -> str:
+def nginx_conf(settings: Settings) -> str:
+    """The front door; routes and upstreams are files routes.sync rewrites while it runs."""
     s = settings
     template = (s.repo / "nginx" / "nginx.conf.template").read_text()
-    locations = []
-    for name in pipeline_names:
-        locations.append(f"        location = /{name}/predict {{ proxy_pass http://flywheel_{name}/predict; }}")
-    if s.default_pipeline in pipeline_names:
-        locations.append(f"        location = /predict {{ proxy_pass http://flywheel_{s.default_pipeline}/predict; }}")
     return (
         template.replace("@STATE@", str(s.state / NGINX_DIR))
         .replace("@LOGS@", str(s.logs))
         .replace("@HOST@", s.host)
         .replace("@PORT@", str(s.ports.nginx))
         .replace("@STATUS_PORT@", str(s.ports.nginx_status))
-        .replace("@LOCATIONS@", "\n".join(locations))
+        .replace("@DEFAULT@", s.default_pipeline)
         .replace("@USER@", "user nobody nogroup;" if os.geteuid() == 0 else "")
     )
-
-
-def upstream_conf(pipeline: str, host: str, port: int) -> str:
-    # keepalive + HTTP/1.1 to the Bento: FINDINGS measured Nginx's overhead within noise this way.
-    return f"upstream flywheel_{pipeline} {{\n    server {host}:{port};\n    keepalive 64;\n}}\n"
 
 
 def prometheus_conf(settings: Settings) -> str:
@@ -162,13 +153,8 @@ def render(settings: Settings) -> None:
         (s.state / folder).mkdir(parents=True, exist_ok=True)
     (s.logs / "airflow").mkdir(parents=True, exist_ok=True)
     (s.state / "supervisord.conf").write_text(supervisor_conf(s))
-    names = [p.name for p in pipelines.load_all(s.pipelines_dir)[0]]
-    (s.state / NGINX_DIR / "nginx.conf").write_text(nginx_conf(s, names))
-    for name in names:
-        upstream = s.state / NGINX_DIR / "upstreams" / f"{name}.conf"
-        if not upstream.exists():  # nothing deployed yet: Nginx answers 503 with a reason
-            port = s.bento_port(pipelines.index_of(s.pipelines_dir, name), "blue")
-            upstream.write_text(upstream_conf(name, s.host, port))
+    (s.state / NGINX_DIR / "nginx.conf").write_text(nginx_conf(s))
+    routes.sync(s, reload=False)
     (s.state / "prometheus" / "prometheus.yml").write_text(prometheus_conf(s))
     # The simple auth manager reads this file; the password itself lives in .env.
     passwords = s.airflow_home / "passwords.json"
@@ -345,15 +331,17 @@ def _alive(pid: int | None) -> bool:
 
 def status(settings: Settings) -> list[dict]:
     """One row per process: supervisor's state, pid, uptime, and its endpoint's health."""
+    from flywheel import deploy
+
     if not supervisord_running(settings):
         return []
     health = {svc.name: svc.health for svc in topology.services(settings)}
+    for d in deploy.all_current(settings):
+        for i, port in enumerate(d.ports):
+            health[deploy.replica_name(d.pipeline, d.colour, i)] = f"{settings.url(port)}/readyz"
     rows = []
     for info in supervisor(settings).getAllProcessInfo():
         url = health.get(info["name"])
-        if info["name"].startswith("bento-"):
-            port = _bento_port(settings, info["name"])
-            url = f"{settings.url(port)}/readyz" if port else None
         ok = None
         if url:
             try:
@@ -371,11 +359,3 @@ def status(settings: Settings) -> list[dict]:
             }
         )
     return rows
-
-
-def _bento_port(settings: Settings, program_name: str) -> int | None:
-    _, pipeline, colour = program_name.split("-", 2)
-    try:
-        return settings.bento_port(pipelines.index_of(settings.pipelines_dir, pipeline), colour)
-    except ValueError:
-        return None

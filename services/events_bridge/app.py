@@ -1,4 +1,4 @@
-"""Events bridge: MinIO bucket notifications in, Airflow asset events out; and the uploads reconciler.
+"""Events bridge: MinIO bucket notifications in, Airflow asset events out; and two control loops.
 
 MinIO keeps every notification in its queue dir until this endpoint answers 2xx, and retries it,
 one at a time, ahead of every later upload. So the answer depends on whether a retry can help:
@@ -7,9 +7,12 @@ one at a time, ahead of every later upload. So the answer depends on whether a r
 - 200 for what a retry cannot fix, written first as a dead letter with the reason
   (flywheel/deadletter.py): an upload outside any pipeline's folder, an Airflow 4xx.
 
-The reconciler (flywheel/uploads.py) runs here too, every RECONCILE_SECONDS: an upload no training
-run has accounted for, with no run queued or running, gets its asset event again, so the newest
-upload always ends up trained even when Airflow dropped the event's trigger or a run crashed.
+Two control loops run here too, every RECONCILE_SECONDS:
+- routes (flywheel/routes.py): a pipeline file added or removed is routed or unrouted by Nginx
+  without a restart;
+- the reconciler (flywheel/uploads.py): an upload no training run has accounted for, with no run
+  queued or running, gets its asset event again, so the newest upload always ends up trained even
+  when Airflow dropped the event's trigger or a run crashed.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from flywheel import deadletter, events, pipelines, uploads
+from flywheel import deadletter, events, pipelines, routes, uploads
 from flywheel.airflow_api import AirflowAPI, AirflowRejected, AirflowUnavailable
 from flywheel.mlflow_api import MlflowAPI
 from flywheel.settings import Settings
@@ -167,6 +170,12 @@ async def minio_events(request: Request, authorization: str | None = Header(defa
 async def reconcile_forever(state: BridgeState) -> None:
     while True:
         await asyncio.sleep(RECONCILE_SECONDS)
+        try:
+            # A pipeline file added or removed is routed (or unrouted) by Nginx without a restart.
+            if await run_in_threadpool(routes.sync, state.settings):
+                log.info("routes changed: Nginx reloaded")
+        except Exception as exc:
+            log.warning("routes: %s", exc)
         try:
             await run_in_threadpool(reconcile_once, state)
         except Exception as exc:  # MLflow or Airflow away: the next round tries again

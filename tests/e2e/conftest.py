@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flywheel import stack
-from flywheel.settings import Ports, Settings
+from flywheel.settings import REPO_ROOT, Ports, Settings
 from tests.e2e.stack_ops import print_logs, processes_of
 
 PORT_OFFSET = 10000  # beside a developer's own stack on the default ports
@@ -20,7 +20,9 @@ PORT_OFFSET = 10000  # beside a developer's own stack on the default ports
 def stack_settings(request):
     # Not under pytest's tmp_path: a second pytest session (pytest keeps three) may delete that folder.
     state = Path(tempfile.mkdtemp(prefix="flywheel-e2e-"))
-    env = {"FLYWHEEL_STATE_DIR": str(state)}
+    # The stack's own copy of the pipeline files: tests add and remove pipelines in it.
+    shutil.copytree(REPO_ROOT / "pipelines", state / "pipelines")
+    env = {"FLYWHEEL_STATE_DIR": str(state), "FLYWHEEL_PIPELINES_DIR": str(state / "pipelines")}
     env.update({f"FLYWHEEL_{name.upper()}_PORT": str(port + PORT_OFFSET) for name, port in vars(Ports()).items()})
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():

@@ -185,18 +185,20 @@ def test_kill_9_of_the_scheduler_mid_training_retries_the_run_and_leaves_no_orph
     assert mlflow_runs(stack_settings, "iris", "attributes.status = 'RUNNING'") == []
 
 
-def test_kill_9_of_a_bento_under_load_restarts_it_and_leaves_no_orphans(stack_settings):
+def test_kill_9_of_a_bento_replica_under_load_costs_no_request_and_leaves_no_orphans(stack_settings):
     live = deploy.current(stack_settings, "iris")
+    assert len(live.ports) >= 2, "iris serves with replicas"
     url = f"{stack_settings.predict_url}/iris/predict"
     load = loadgen.start(url, {"inputs": [ROW]}, connections=8, seconds=25)
     time.sleep(5)
-    killed = kill_9(stack_settings, live.program, health=f"{stack_settings.url(live.port)}/readyz")
+    killed = kill_9(stack_settings, live.programs[0], health=f"{stack_settings.url(live.ports[0])}/readyz")
     stats = loadgen.finish(load)
     print(
-        f"\nbento {live.program} back in {killed['seconds']:.1f}s; {stats['failed']} of {stats['requests']} "
+        f"\nreplica {live.programs[0]} back in {killed['seconds']:.1f}s; {stats['failed']} of {stats['requests']} "
         f"requests failed meanwhile; survivors {killed['survivors']}"
     )
     assert killed["survivors"] == [] and orphans(stack_settings) == []
+    assert stats["failed"] == 0, stats
     assert served(stack_settings)["model"]["version"] == live.version
 
 

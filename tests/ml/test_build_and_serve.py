@@ -96,8 +96,10 @@ def built(registry):
 @pytest.fixture(scope="module")
 def server(registry, built):
     log_path = registry["root"] / "serve.log"
-    with serve(built["bento_tag"], registry["env"], log_path, READY_TIMEOUT_S, client_timeout=5) as (client, _):
-        yield {"client": client, "log": log_path, "registry": registry}
+    requests_log = registry["root"] / "requests.log"
+    env = {**registry["env"], "FLYWHEEL_REQUEST_LOG": str(requests_log)}
+    with serve(built["bento_tag"], env, log_path, READY_TIMEOUT_S, client_timeout=5) as (client, _):
+        yield {"client": client, "log": log_path, "requests_log": requests_log, "registry": registry}
 
 
 def _predict(client: httpx.Client, body, **kwargs) -> httpx.Response:
@@ -182,11 +184,12 @@ def test_predicts_known_rows(server):
     assert response.headers["X-Model-Name"] == PIPELINE
     assert response.headers["X-Dataset-Version"] == DATASET["etag"]
     assert response.headers["X-Request-Id"] == "test-req-42"
-    # The request id reaches the server log, to join Nginx's access log with BentoML's.
+    # The request id reaches the replica's request log (written once a second), to join Nginx's access log.
+    log = server["requests_log"]
     deadline = time.monotonic() + 5
-    while "request_id=test-req-42" not in server["log"].read_text() and time.monotonic() < deadline:
+    while not (log.exists() and "request_id=test-req-42" in log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "request_id=test-req-42" in server["log"].read_text()
+    assert f"request_id=test-req-42 model=iris:v{version} rows=3" in log.read_text()
 
 
 @pytest.mark.parametrize("incoming", [None, "spaces are not echoed", "x" * 200])

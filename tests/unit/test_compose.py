@@ -296,7 +296,7 @@ def test_flywheel_code_in_compose_finds_each_service_by_name(services, tmp_path)
             port = getattr(s.ports, name)
             assert s.url(port) == f"http://{home}:{port}", f"Settings.url({port}) must reach {home} in compose"
     assert s.minio_endpoint == f"minio:{s.ports.minio}"
-    assert s.url(s.bento_port(0, "green")) == f"http://serving:{s.bento_port(0, 'green')}"
+    assert s.url(s.ports.bento_base + 9) == f"http://serving:{s.ports.bento_base + 9}"
 
 
 def test_ports_are_published_on_loopback_as_in_embedded_mode(services):

@@ -21,5 +21,8 @@ def test_unknown_metric_is_refused():
         score("auc", [1], [1])
 
 
-def test_program_names_carry_pipeline_and_colour():
-    assert deploy.program_name("iris", "green") == "bento-iris-green"
+def test_program_names_carry_pipeline_colour_and_replica():
+    assert deploy.group_name("iris", "green") == "bento-iris-green"
+    assert deploy.replica_name("iris", "green", 1) == "bento-iris-green-1"
+    d = deploy.Deployment("iris", "3", "flywheel-iris:v3", "blue", (3100, 3101), 0.0)
+    assert d.programs == ["bento-iris-blue:bento-iris-blue-0", "bento-iris-blue:bento-iris-blue-1"]

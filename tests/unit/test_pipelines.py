@@ -102,8 +102,11 @@ def test_a_broken_file_does_not_hide_the_others(tmp_path):
     assert len(errors) == 1 and "broken.yaml" in str(errors[0])
 
 
-def test_index_gives_each_pipeline_its_own_ports(tmp_path):
-    write(tmp_path, "demo", GOOD)
-    write(tmp_path, "alpha", GOOD.replace("demo", "alpha"))
-    assert pipelines.index_of(tmp_path, "alpha") == 0
-    assert pipelines.index_of(tmp_path, "demo") == 1
+def test_serving_replicas_default_to_two_and_are_bounded(tmp_path):
+    assert pipelines.load(write(tmp_path, "demo", GOOD)).replicas == 2
+    assert pipelines.load(write(tmp_path, "demo", GOOD + "serving: {replicas: 3}\n")).replicas == 3
+    for bad in ("0", "9", "1.5", "two"):
+        with pytest.raises(pipelines.PipelineError, match=r"serving\.replicas"):
+            pipelines.load(write(tmp_path, "demo", GOOD + f"serving: {{replicas: {bad}}}\n"))
+    with pytest.raises(pipelines.PipelineError, match=r"serving\.replica"):
+        pipelines.load(write(tmp_path, "demo", GOOD + "serving: {replica: 2}\n"))

@@ -1,10 +1,11 @@
 """Rendered configuration: supervisord programs, Nginx routes, Prometheus targets."""
 
 import configparser
+import subprocess
 
 import pytest
 
-from flywheel import stack, topology
+from flywheel import routes, stack, topology
 from flywheel.settings import Settings
 
 
@@ -41,18 +42,23 @@ def test_minio_is_told_where_to_send_and_queue_events(settings):
     assert env["MINIO_NOTIFY_WEBHOOK_QUEUE_DIR_FLYWHEEL"].startswith(str(settings.state))
 
 
-def test_nginx_routes_default_and_per_pipeline(settings):
-    conf = stack.nginx_conf(settings, ["iris", "wine"])
+def test_nginx_config_is_valid_for_the_real_nginx(settings):
+    """The rendered front door, its routes and an upstream, checked by `nginx -t` itself."""
+    stack.render(settings)
+    conf = (settings.state / "nginx" / "nginx.conf").read_text()
     assert "listen 127.0.0.1:18000;" in conf
-    assert "location = /predict { proxy_pass http://flywheel_iris/predict; }" in conf
-    assert "location = /wine/predict { proxy_pass http://flywheel_wine/predict; }" in conf
-    assert "@" not in conf.replace("@unavailable", "")
-
-
-def test_upstream_is_one_server_with_keepalive():
-    assert stack.upstream_conf("iris", "127.0.0.1", 3101) == (
-        "upstream flywheel_iris {\n    server 127.0.0.1:3101;\n    keepalive 64;\n}\n"
+    assert "rewrite ^ /iris/predict last;" in conf
+    assert "@" not in conf.replace("@unavailable", "").replace("@bad_request", "").replace("@method", "").replace(
+        "@too_large", ""
     )
+    (settings.state / "nginx" / "upstreams" / "iris.conf").write_text(
+        routes.upstream_conf("iris", "127.0.0.1", [3100, 3101])
+    )
+    nginx = topology.binary("nginx")
+    checked = subprocess.run(
+        [nginx, "-t", "-q", "-c", str(settings.state / "nginx" / "nginx.conf")], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_prometheus_scrapes_bentos_from_files_and_nginx(settings):
@@ -66,7 +72,12 @@ def test_prometheus_scrapes_bentos_from_files_and_nginx(settings):
 
 def test_render_keeps_existing_deployments(settings):
     stack.render(settings)
-    upstream = settings.state / "nginx" / "upstreams" / "iris.conf"
-    upstream.write_text(stack.upstream_conf("iris", "127.0.0.1", 9999))
+    record = settings.state / "deployments" / "iris.json"
+    record.parent.mkdir()
+    record.write_text(
+        '{"pipeline": "iris", "version": "3", "bento_tag": "flywheel-iris:v3", "colour": "green",'
+        ' "ports": [9998, 9999], "deployed_at": 0}'
+    )
     stack.render(settings)
-    assert "9999" in upstream.read_text()
+    assert "9999" in (settings.state / "nginx" / "upstreams" / "iris.conf").read_text()
+    assert "iris serving;" in (settings.state / "nginx" / "routes.conf").read_text()
