@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -88,6 +89,17 @@ def _remove_group(settings: Settings, group: str) -> None:
     _conf_path(settings, group).unlink(missing_ok=True)
 
 
+def listen_address(host: str) -> str:
+    """Where a Bento listens: `host` itself if it is an IP address (embedded mode's 127.0.0.1), else
+    every interface. BentoML takes only addresses; a host name is compose's `serving`, the container
+    the Bento runs in, whose other servers listen on every interface too."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "0.0.0.0"
+    return host
+
+
 def _start_group(settings: Settings, pipeline: str, colour: str, bento_tag: str, ports: list[int]) -> None:
     """One supervisord program per replica, each pinned to its own core, started together as a group."""
     group = group_name(pipeline, colour)
@@ -98,7 +110,7 @@ def _start_group(settings: Settings, pipeline: str, colour: str, bento_tag: str,
             "serve",
             bento_tag,
             "--host",
-            settings.host,
+            listen_address(settings.host),
             "--port",
             str(port),
         ]

@@ -27,7 +27,8 @@ def supervisor_conf(settings: Settings) -> str:
         if section.startswith("program:") and section.removeprefix("program:") not in PROGRAMS:
             conf.remove_section(section)
     # The reaper's event listener stays: it kills what a Bento leaves behind here too.
-    # PID 1 of the container: stay in the foreground, log to its stdout, keep the pid file private.
+    # The container's main process (under Docker's init): stay in the foreground, log to its stdout,
+    # keep the pid file private.
     conf["supervisord"].update(
         nodaemon="true", logfile="/dev/stdout", logfile_maxbytes="0", pidfile="/tmp/supervisord.pid"
     )
