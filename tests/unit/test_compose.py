@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flywheel import runner, stack, topology
+from flywheel import deploy, runner, stack, topology
 from flywheel.serving_metrics import EXPORTED
 from flywheel.settings import GENERATED_SECRETS, REPO_ROOT, Ports, Settings
 
@@ -339,6 +339,17 @@ def test_serving_runs_the_topology_programs(embedded, services):
         assert f"state:{STATE}" in services[name]["volumes"]
 
 
+def test_bentos_in_serving_listen_where_the_others_reach_them(services):
+    """The deploy step starts each Bento in `serving`, which the others reach by its name; BentoML
+    listens on addresses only, so a Bento there listens on every interface of the container."""
+    host = environment(services["airflow-scheduler"])["FLYWHEEL_HOST"]
+    assert host == services["serving"]["hostname"]
+    assert deploy.listen_address(host) == "0.0.0.0"
+    assert deploy.listen_address(Settings.load({}).host) == "127.0.0.1"  # embedded mode: loopback only
+    # supervisord must not be PID 1 there: flywheel.reaper stops climbing the process tree at init.
+    assert services["serving"]["init"] is True
+
+
 # --- operations: health, order, restarts, limits, secrets --------------------------------------------
 
 
@@ -503,8 +514,50 @@ def test_locks_carry_what_compose_mode_imports():
 
     platform, ml = names("platform.txt"), names("ml.txt")
     assert "psycopg2-binary" in platform, "Airflow's metadata on Postgres: add psycopg2-binary to the platform extra"
+    assert "asyncpg" in platform, "Airflow 3's async engine on Postgres: add asyncpg to the platform extra"
     assert "apache-airflow-providers-celery" in platform, "the celery profile: add apache-airflow-providers-celery"
     assert "psycopg2-binary" in ml, "MLflow's backend store on Postgres: add psycopg2-binary to the ml extra"
+
+
+def test_every_build_can_trust_extra_ca_certificates(raw):
+    """compose.ca-certificates.yml hands the optional secret to every service that builds: services
+    sharing an image are built together, and one built without it could stand for all of them."""
+    override = yaml.safe_load((REPO_ROOT / "compose.ca-certificates.yml").read_text())
+    assert set(override["services"]) == {name for name, svc in raw["services"].items() if "build" in svc}
+    for name, svc in override["services"].items():
+        assert svc == {"build": {"secrets": ["ca-certificates"]}}, name
+    assert override["secrets"]["ca-certificates"]["file"].startswith("${FLYWHEEL_CA_CERTIFICATES:?")
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert "RUN --mount=type=secret,id=ca-certificates" in text, f"{dockerfile}: no extra CA certificates"
+        # A `# syntax=` directive makes BuildKit pull the Dockerfile frontend from a registry.
+        assert not re.search(r"^#\s*syntax\s*=", text, re.M), f"{dockerfile}: builds must not need a registry"
+
+
+def test_every_base_image_has_a_stand_in_or_a_reason():
+    """Where no registry answers, `make test-compose` builds each base image's stand-in (tests/compose)."""
+    path = REPO_ROOT / "tests" / "compose" / "standins.py"
+    spec = importlib.util.spec_from_file_location("flywheel_compose_standins", path)
+    standins = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standins)
+    profiles = {
+        p for svc in yaml.safe_load(COMPOSE_FILE.read_text())["services"].values() for p in svc.get("profiles", [])
+    }
+    for image in standins.base_images(tuple(profiles)):
+        name = standins.name_of(image)
+        assert name in standins.STANDINS or name in standins.NOT_STOOD_IN, f"{image}: no stand-in for offline builds"
+    for folder in standins.STANDINS.values():
+        dockerfile = path.parent / "standins" / folder / "Dockerfile"
+        assert "TEST SCAFFOLDING" in dockerfile.read_text().splitlines()[0], f"{dockerfile}: mark it as scaffolding"
+    for name in standins.NOT_STOOD_IN:
+        users = [
+            s
+            for s in yaml.safe_load(COMPOSE_FILE.read_text())["services"].values()
+            if s.get("image", "").startswith(name + ":")
+        ]
+        assert users and all(s.get("profiles") for s in users), (
+            f"{name}: only a profile the test does not start uses it"
+        )
 
 
 def _hadolint() -> str | None:
