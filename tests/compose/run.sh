@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# `make test-compose`: compose mode for real. Builds every image from the repo's Dockerfiles, brings
+# docker-compose.yml up, and runs tests/compose/test_stack.py against it (upload -> served through
+# Nginx, Prometheus labels, Airflow's asset chain, a blue/green redeploy, a Celery worker's run).
+#
+# The Docker engine is the one DOCKER_HOST (or the default socket) names. Where none answers, a
+# private one is started in .cache/docker (tests/compose/engine.sh) and stopped afterwards, the host
+# put back as it was. Where none can be started, this fails: a compose test never passes by skipping.
+# Compose v2 is needed (`up --wait`, build secrets); without the plugin, the pinned release is
+# built from the Go module proxy into .cache/compose, as `make install` builds MinIO.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REPO=$PWD
+ENGINE_DIR=$REPO/.cache/docker
+CACHE=$REPO/.cache/compose
+COMPOSE_VERSION=v2.29.7
+PYTHON=$REPO/.venv/platform/bin/python
+started=$(date +%s)
+
+say() { echo "[test-compose] $*"; }
+fail() {
+    echo "[test-compose] FAILED: $*" >&2
+    exit 1
+}
+
+# --- the engine -----------------------------------------------------------------------------------
+if docker version --format '{{.Server.Version}}' >/dev/null 2>&1; then
+    say "using the Docker engine at ${DOCKER_HOST:-the default socket}"
+else
+    if [ "$(id -u)" -ne 0 ]; then
+        fail "no Docker engine answers at ${DOCKER_HOST:-the default socket}, and starting one needs root.
+Start Docker (or point DOCKER_HOST at an engine) and run again."
+    fi
+    say "no Docker engine answers: starting a private one in ${ENGINE_DIR#"$REPO"/}"
+    DOCKER_HOST=$(tests/compose/engine.sh start "$ENGINE_DIR") ||
+        fail "could not start a Docker engine (log: $ENGINE_DIR/dockerd.log)"
+    export DOCKER_HOST
+    trap 'tests/compose/engine.sh stop "$ENGINE_DIR"' EXIT
+fi
+docker version --format 'engine {{.Server.Version}}, API {{.Server.APIVersion}}' | sed 's/^/[test-compose] /'
+
+# --- Compose v2 -----------------------------------------------------------------------------------
+if docker compose version >/dev/null 2>&1; then
+    COMPOSE="docker compose"
+elif [ -x "$CACHE/docker-compose-$COMPOSE_VERSION" ]; then
+    COMPOSE=$CACHE/docker-compose-$COMPOSE_VERSION
+else
+    command -v go >/dev/null ||
+        fail "Compose v2 is needed (the \`docker compose\` plugin), and Go to build it is missing"
+    say "building Compose $COMPOSE_VERSION from the Go module proxy (once; cached in ${CACHE#"$REPO"/})"
+    mkdir -p "$CACHE"
+    GOBIN=$CACHE/gobin CGO_ENABLED=0 go install \
+        -ldflags "-X github.com/docker/compose/v2/internal.Version=$COMPOSE_VERSION" \
+        "github.com/docker/compose/v2/cmd@$COMPOSE_VERSION"
+    mv "$CACHE/gobin/cmd" "$CACHE/docker-compose-$COMPOSE_VERSION"
+    rmdir "$CACHE/gobin"
+    COMPOSE=$CACHE/docker-compose-$COMPOSE_VERSION
+fi
+export FLYWHEEL_COMPOSE=$COMPOSE
+$COMPOSE version | sed 's/^/[test-compose] /'
+
+# --- base images, then ours -----------------------------------------------------------------------
+"$PYTHON" tests/compose/standins.py --profile celery
+
+# The builds trust what this host trusts: here a local CA re-signs HTTPS (../shared/FINDINGS.md).
+files=(-f docker-compose.yml)
+if [ -z "${FLYWHEEL_CA_CERTIFICATES:-}" ] && [ -s /etc/ssl/certs/ca-certificates.crt ]; then
+    export FLYWHEEL_CA_CERTIFICATES=/etc/ssl/certs/ca-certificates.crt
+fi
+if [ -n "${FLYWHEEL_CA_CERTIFICATES:-}" ]; then
+    files+=(-f compose.ca-certificates.yml)
+    say "builds trust the CA certificates in $FLYWHEEL_CA_CERTIFICATES"
+fi
+# The credentials of this run only: the stack and its volumes are deleted at the end.
+mkdir -p "$CACHE"
+rm -f "$CACHE/test.env"
+"$PYTHON" -c 'import sys; from pathlib import Path; from flywheel.settings import ensure_env_file; ensure_env_file(Path(sys.argv[1]))' "$CACHE/test.env"
+export FLYWHEEL_COMPOSE_ENV_FILE=$CACHE/test.env
+
+# One service per image: Compose builds (and exports, ~50 s for a 3 GB image) an image once for each
+# service that names it, even when all of them hit the same cache.
+builders=$("$PYTHON" -c 'import yaml; services = yaml.safe_load(open("docker-compose.yml"))["services"]
+print(" ".join({s["image"]: n for n, s in reversed(services.items()) if "build" in s}.values()))')
+say "building every image (services: $builders)"
+build_started=$(date +%s)
+# shellcheck disable=SC2086  # one word per service
+$COMPOSE --env-file "$CACHE/test.env" "${files[@]}" --profile celery build --progress plain $builders \
+    >"$CACHE/build.log" 2>&1 || {
+    tail -60 "$CACHE/build.log"
+    fail "image build failed (full log: ${CACHE#"$REPO"/}/build.log)"
+}
+build_seconds=$(($(date +%s) - build_started))
+say "images built in ${build_seconds}s"
+docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep '^flywheel/' | sort | sed 's/^/[test-compose]   /'
+export FLYWHEEL_COMPOSE_BUILD_SECONDS=$build_seconds
+
+# --- the stack ------------------------------------------------------------------------------------
+"$PYTHON" -m pytest tests/compose -p no:cacheprovider "$@"
+
+say "test-compose finished in $(($(date +%s) - started))s"
