@@ -13,6 +13,7 @@ standins/<name>/ says what differs. docker-compose.yml keeps naming the public i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 CACHE = REPO / ".cache" / "compose"
 BASE = "flywheel-test/debootstrap:bookworm"
+LABEL = "org.flywheel.test-standin"  # on every stand-in: the digest of the recipe it was built from
 MIRROR = "http://deb.debian.org/debian"
 # Stand-ins by image name (the tag is whatever compose asks for): folders under standins/.
 STANDINS = {
@@ -195,6 +197,23 @@ def _golang_context(image: str, folder: Path) -> Path:
     return context
 
 
+def recipe(image: str) -> str:
+    """A digest of the stand-in's folder: a stand-in built from an older recipe is rebuilt."""
+    folder = HERE / "standins" / STANDINS[name_of(image)]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def standin_recipe(image: str) -> str | None:
+    """The recipe an image in the store was built from, if it is one of our stand-ins."""
+    labels = docker("image", "inspect", "--format", "{{json .Config.Labels}}", image, capture_output=True)
+    if labels.returncode != 0:
+        return None
+    return (json.loads(labels.stdout) or {}).get(LABEL)
+
+
 def build_standin(image: str) -> None:
     folder = HERE / "standins" / STANDINS[name_of(image)]
     context = _golang_context(image, folder) if name_of(image) == "golang" else folder
@@ -206,7 +225,7 @@ def build_standin(image: str) -> None:
             "--tag",
             image,
             "--label",
-            "org.flywheel.test-standin=true",
+            f"{LABEL}={recipe(image)}",
             str(context),
             capture_output=True,
             env={**os.environ, "DOCKER_BUILDKIT": "0"},
@@ -224,9 +243,12 @@ def ensure(profiles: tuple[str, ...] = ()) -> dict[str, str]:
     outcome: dict[str, str] = {}
     for image in base_images(profiles):
         name = name_of(image)
-        if present(image):
-            labels = docker("image", "inspect", "--format", "{{json .Config.Labels}}", image, capture_output=True)
-            outcome[image] = "stand-in" if "org.flywheel.test-standin" in labels.stdout else "present"
+        built_from = standin_recipe(image)
+        if built_from is not None and name in STANDINS and built_from == recipe(image):
+            outcome[image] = "stand-in"
+            continue
+        if built_from is None and present(image):
+            outcome[image] = "present"
             continue
         pulled = docker("pull", "--quiet", image, capture_output=True)
         if pulled.returncode == 0:
