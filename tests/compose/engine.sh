@@ -60,7 +60,7 @@ record_host() {
     cat /proc/sys/net/ipv4/ip_forward >"$host/ip_forward"
     ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 >"$host/links"
     for table in "${TABLES[@]}"; do
-        iptables-save -t "$table" | grep -E '^(:|-A)' | sed -E 's/ \[[0-9]+:[0-9]+\]$//' >"$host/iptables.$table"
+        iptables-save -t "$table" 2>/dev/null | grep -E '^(:|-A)' | sed -E 's/ \[[0-9]+:[0-9]+\]$//' >"$host/iptables.$table"
     done
     : >"$host/run_dirs"
     for run_dir in "${RUN_DIRS[@]}"; do
@@ -114,7 +114,7 @@ restore_iptables() {
     local host=$1/host table line chain policy now added
     for table in "${TABLES[@]}"; do
         [ -f "$host/iptables.$table" ] || continue
-        now=$(iptables-save -t "$table" | grep -E '^(:|-A)' | sed -E 's/ \[[0-9]+:[0-9]+\]$//')
+        now=$(iptables-save -t "$table" 2>/dev/null | grep -E '^(:|-A)' | sed -E 's/ \[[0-9]+:[0-9]+\]$//')
         # Rules the engine added, newest first; then the chains it created; then the policies it changed.
         while IFS= read -r line; do
             [ -n "$line" ] && eval "iptables -t $table -D ${line#-A }" 2>/dev/null || true

@@ -18,6 +18,7 @@ PYTHON=$REPO/.venv/platform/bin/python
 started=$(date +%s)
 
 say() { echo "[test-compose] $*"; }
+since() { echo "$(($(date +%s) - $1))s"; }
 fail() {
     echo "[test-compose] FAILED: $*" >&2
     exit 1
@@ -42,6 +43,7 @@ cleanup() {
     if [ -n "${own_engine:-}" ]; then tests/compose/engine.sh stop "$ENGINE_DIR"; fi
 }
 trap cleanup EXIT
+say "engine ready after $(since "$started")"
 docker version --format 'engine {{.Server.Version}}, API {{.Server.APIVersion}}' | sed 's/^/[test-compose] /'
 
 # --- Compose v2 -----------------------------------------------------------------------------------
@@ -54,9 +56,14 @@ else
         fail "Compose v2 is needed (the \`docker compose\` plugin), and Go to build it is missing"
     say "building Compose $COMPOSE_VERSION from the Go module proxy (once; cached in ${CACHE#"$REPO"/})"
     mkdir -p "$CACHE"
+    compose_started=$(date +%s)
     GOBIN=$CACHE/gobin CGO_ENABLED=0 go install \
         -ldflags "-X github.com/docker/compose/v2/internal.Version=$COMPOSE_VERSION" \
-        "github.com/docker/compose/v2/cmd@$COMPOSE_VERSION"
+        "github.com/docker/compose/v2/cmd@$COMPOSE_VERSION" >"$CACHE/compose-build.log" 2>&1 || {
+        tail -30 "$CACHE/compose-build.log"
+        fail "could not build Compose $COMPOSE_VERSION (log: ${CACHE#"$REPO"/}/compose-build.log)"
+    }
+    say "Compose built in $(since "$compose_started")"
     mv "$CACHE/gobin/cmd" "$CACHE/docker-compose-$COMPOSE_VERSION"
     rmdir "$CACHE/gobin"
     COMPOSE=$CACHE/docker-compose-$COMPOSE_VERSION
@@ -65,7 +72,9 @@ export FLYWHEEL_COMPOSE=$COMPOSE
 $COMPOSE version | sed 's/^/[test-compose] /'
 
 # --- base images, then ours -----------------------------------------------------------------------
+standins_started=$(date +%s)
 "$PYTHON" tests/compose/standins.py --profile celery
+say "base images ready in $(since "$standins_started")"
 
 # The builds trust what this host trusts: here a local CA re-signs HTTPS (../shared/FINDINGS.md).
 files=(-f docker-compose.yml)
