@@ -86,13 +86,22 @@ def cmd_rollback(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_retire(settings: Settings, args) -> int:
+    from flywheel import deploy
+
+    live = deploy.retire(settings, args.pipeline)
+    what = f"stopped v{live.version} ({live.group})" if live else "nothing was serving it"
+    _say(f"{args.pipeline}: {what}; its route goes once its pipeline file is gone too")
+    return 0
+
+
 def upload(settings: Settings, path: Path, pipeline: str, key: str | None = None) -> dict:
     """Upload a file as datasets/<pipeline>/<key>; a folder (an IDX set) goes up as datasets/<pipeline>/<key>/
     file by file, its `_SUCCESS` marker last, so the set's run starts once the set is whole."""
     from flywheel.data import minio_client
     from flywheel.pipelines import READY_MARKER
 
-    client = minio_client(settings)
+    client = minio_client(settings, root=True)  # the operator's upload, not the platform's identity
     key = f"{pipeline}/{key or path.name}"
     if path.is_dir():
         files = sorted(path.iterdir(), key=lambda f: (f.name == READY_MARKER, f.name))
@@ -194,7 +203,7 @@ def print_urls(settings: Settings) -> None:
                    -d '{{"inputs": [[5.1, 3.5, 1.4, 0.2]]}}'
   MinIO       {s.url(p.minio_console)}   (user/password: MINIO_ROOT_USER / MINIO_ROOT_PASSWORD in {s.repo / ".env"})
   Airflow     {s.airflow_url}   (user admin, password: AIRFLOW_ADMIN_PASSWORD in .env)
-  MLflow      {s.mlflow_url}
+  MLflow      {s.mlflow_url}   (user admin, password: MLFLOW_AUTH_ADMIN_PASSWORD in .env)
   Prometheus  {s.prometheus_url}
   Logs        {s.logs}/
 """,
@@ -220,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", metavar="ROW", help="wait until a prediction for this JSON row names the rolled-back version"
     )
     p.set_defaults(func=cmd_rollback)
+    p = sub.add_parser("retire", help="stop serving a pipeline (its route goes once its file is removed)")
+    p.add_argument("pipeline")
+    p.set_defaults(func=cmd_retire)
     p = sub.add_parser("predict", help="POST rows to /predict through Nginx")
     p.add_argument("rows", help='JSON list of rows, e.g. "[[5.1, 3.5, 1.4, 0.2]]"')
     p.add_argument("--pipeline", help="default: the default pipeline at /predict")

@@ -151,6 +151,7 @@ def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, airflow_ru
         index = {c: i for i, c in enumerate(classes)}
         y_train = np.array([index[str(v)] for v in y_train])
     fw = frameworks.get(pipeline.framework)
+    registry.require_tracking()
     client = mlflow.MlflowClient()
     experiment = mlflow.set_experiment(pipeline.name)
     fail_abandoned(client, experiment.experiment_id, airflow_run)
