@@ -89,6 +89,7 @@ class Ports:
     nginx_status: int = 8001
     nginx_exporter: int = 9113
     prometheus: int = 9090
+    alertmanager: int = 9093
     bridge: int = 8090
     airflow_scheduler_health: int = 8974
     bento_base: int = 3100  # each pipeline gets a block of ports from here, recorded (flywheel/routes.py)
@@ -107,6 +108,8 @@ class Settings:
     mlflow_bucket: str = "mlflow"
     # Compose mode: the host each port's service is reached at (FLYWHEEL_<NAME>_HOST); else `host`.
     hosts: dict[str, str] = field(default_factory=dict)
+    # Where alerts go (FLYWHEEL_ALERT_WEBHOOK): Prometheus' through Alertmanager, Airflow's failures.
+    alert_webhook: str = field(default="", repr=False)
     # /predict's API keys (FLYWHEEL_API_KEYS, comma-separated); none: /predict is open.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
 
@@ -133,6 +136,7 @@ class Settings:
             host=merged.get("FLYWHEEL_HOST", "127.0.0.1"),
             default_pipeline=merged.get("FLYWHEEL_DEFAULT_PIPELINE", "iris"),
             pipelines_dir=Path(merged.get("FLYWHEEL_PIPELINES_DIR", repo / "pipelines")),
+            alert_webhook=merged.get("FLYWHEEL_ALERT_WEBHOOK", "").strip(),
             api_keys=tuple(k.strip() for k in merged.get("FLYWHEEL_API_KEYS", "").split(",") if k.strip()),
             hosts={
                 name: merged[f"FLYWHEEL_{name.upper()}_HOST"]

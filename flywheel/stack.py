@@ -131,6 +131,7 @@ def prometheus_conf(settings: Settings) -> str:
         template.replace("@TARGETS@", str(settings.state / "prometheus" / "targets"))
         .replace("@EXPORTER@", f"{settings.host_of(settings.ports.nginx_exporter)}:{settings.ports.nginx_exporter}")
         .replace("@PROMETHEUS@", f"{settings.host_of(settings.ports.prometheus)}:{settings.ports.prometheus}")
+        .replace("@ALERTMANAGER@", f"{settings.host_of(settings.ports.alertmanager)}:{settings.ports.alertmanager}")
         .replace("@BRIDGE@", f"{settings.host_of(settings.ports.bridge)}:{settings.ports.bridge}")
         .replace("@RULES@", str(settings.repo / "services" / "prometheus" / "rules.yml"))
     )
@@ -183,6 +184,7 @@ def render(settings: Settings) -> None:
         "nginx/tmp",
         "prometheus/targets",
         "prometheus/data",
+        "alertmanager/data",
     ):
         (s.state / folder).mkdir(parents=True, exist_ok=True)
     (s.logs / "airflow").mkdir(parents=True, exist_ok=True)
@@ -192,6 +194,7 @@ def render(settings: Settings) -> None:
     routes.sync(s, reload=False)
     (s.state / "prometheus" / "prometheus.yml").write_text(prometheus_conf(s))
     (s.state / "mlflow" / "basic_auth.ini").write_text(topology.mlflow_auth_ini(s))
+    write_private(s.state / "alertmanager" / "alertmanager.yml", topology.alertmanager_conf(s))  # the bridge's token
     # The simple auth manager reads this file; the password itself lives in .env.
     write_private(s.airflow_home / "passwords.json", json.dumps({"admin": s.secrets["AIRFLOW_ADMIN_PASSWORD"]}) + "\n")
 

@@ -228,4 +228,42 @@ def services(settings: Settings) -> list[Service]:
             f"{s.prometheus_url}/-/ready",
             priority=70,
         ),
+        Service(
+            "alertmanager",
+            [
+                binary("prometheus-alertmanager"),
+                f"--config.file={s.state / 'alertmanager' / 'alertmanager.yml'}",
+                f"--storage.path={s.state / 'alertmanager' / 'data'}",
+                f"--web.listen-address={s.host}:{p.alertmanager}",
+                "--cluster.listen-address=",  # no gossip port (it would bind every interface)
+            ],
+            f"{s.url(p.alertmanager)}/-/ready",
+            priority=70,
+        ),
     ]
+
+
+def alertmanager_conf(settings: Settings) -> str:
+    """Every alert goes to the events bridge's /alerts, which records it and forwards it to
+    FLYWHEEL_ALERT_WEBHOOK (flywheel/alerts.py): one path for Prometheus' alerts and Airflow's."""
+    s = settings
+    return "\n".join(
+        [
+            "# Rendered by flywheel/stack.py from flywheel/topology.py.",
+            "route:",
+            "  receiver: flywheel",
+            "  group_by: [alertname, pipeline]",
+            "  group_wait: 5s",
+            "  group_interval: 30s",
+            "  repeat_interval: 4h",
+            "receivers:",
+            "  - name: flywheel",
+            "    webhook_configs:",
+            f"      - url: {s.url(s.ports.bridge)}/alerts",
+            "        send_resolved: true",
+            "        http_config:",
+            "          authorization:",
+            f"            credentials: {s.secrets['FLYWHEEL_WEBHOOK_TOKEN']}",
+            "",
+        ]
+    )

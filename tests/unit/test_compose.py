@@ -47,6 +47,7 @@ COMPOSE_HOME = {
     "nginx": "serving",
     "nginx-exporter": "serving",
     "prometheus": "prometheus",
+    "alertmanager": "alertmanager",
 }
 # Compose services without an embedded counterpart of their own.
 COMPOSE_ONLY = {
@@ -70,12 +71,13 @@ PORT_HOME = {
     "nginx_status": "serving",
     "nginx_exporter": "serving",
     "prometheus": "prometheus",
+    "alertmanager": "alertmanager",
     "bridge": "events-bridge",
     "airflow_scheduler_health": None,
     "bento_base": "serving",
 }
 # Reached from the host in embedded mode (README), so published on 127.0.0.1 in compose.
-PUBLISHED = ("minio", "minio_console", "mlflow", "airflow", "nginx", "prometheus", "bridge")
+PUBLISHED = ("minio", "minio_console", "mlflow", "airflow", "nginx", "prometheus", "alertmanager", "bridge")
 # A flag compose passes through the environment instead: it carries the database password.
 FLAG_FROM_ENV = {("mlflow", "--backend-store-uri"): "MLFLOW_BACKEND_STORE_URI"}
 # Embedded values that compose changes on purpose.
@@ -83,6 +85,7 @@ VALUE_DIFFERS = {
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "Postgres instead of SQLite",
     "MINIO_NOTIFY_WEBHOOK_QUEUE_DIR_FLYWHEEL": "on MinIO's own volume, beside its data",
     ("prometheus", "--storage.tsdb.path"): "on Prometheus' own volume",
+    ("alertmanager", "--storage.path"): "on Alertmanager's own volume",
 }
 COMPOSE_SECRETS = ("POSTGRES_PASSWORD", "GF_SECURITY_ADMIN_PASSWORD", "GRAFANA_DB_PASSWORD")
 REQUIRED = (*GENERATED_SECRETS, *COMPOSE_SECRETS)
@@ -177,7 +180,8 @@ def as_compose_may_write(value: str, host: str) -> set[str]:
 
 def shape(command: list[str]) -> tuple[str, list[str], dict[str, str | None]]:
     """What two commands must share: the program, its sub-command words, its flags and their values."""
-    program, words, flags = Path(command[0]).name, [], {}
+    # Debian names the Prometheus project's binaries prometheus-<name>; their images call them <name>.
+    program, words, flags = Path(command[0]).name.replace("prometheus-alertmanager", "alertmanager"), [], {}
     rest = command[1:]
     while rest and not rest[0].startswith("-"):
         word = rest.pop(0)
