@@ -80,8 +80,12 @@ test-compose: install
 test-unit: install
 	$(PLATFORM)/bin/python -m pytest tests/unit
 
+# Every benchmark, on the running stack (`make up` first); figures in docs/measurements.md.
 bench: install
-	$(PLATFORM)/bin/python bench/run.py
+	$(PLATFORM)/bin/python bench/upload_to_serving.py --runs 3
+	$(PLATFORM)/bin/python bench/bento_tuning.py
+	$(PLATFORM)/bin/python bench/serving.py
+	$(ML)/bin/python bench/training_overhead.py --runs 3
 
 clean: down
 	rm -rf .flywheel

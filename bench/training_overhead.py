@@ -6,7 +6,8 @@ Run: .venv/ml/bin/python bench/training_overhead.py [--rows 1000000] [--runs 3]
 Side by side in one run, median of runs:
   direct    xgb.train on an in-memory DMatrix of the same training rows (same parameters, one thread)
   platform  flywheel.train.run: fetch the Parquet version from MinIO, validate, hash split, fit,
-            score, log params/metrics/dataset/model to MLflow, register, gate (in-process: no imports)
+            score, log params/metrics/dataset/model to the stack's MLflow server, register, gate
+            (in-process: no imports)
   step      `python -m flywheel.train` as Airflow runs it (adds interpreter start and imports)
 """
 
@@ -87,7 +88,8 @@ def main() -> None:
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     body = buffer.getvalue()
-    client = data.minio_client(settings)
+    client = data.minio_client(settings, root=True)  # the upload, as a person makes it
+    os.environ.update(settings.client_env())  # the in-process run logs to the stack's MLflow server, as the step does
     put = client.put_object("datasets", "synthetic/bench.parquet", io.BytesIO(body), len(body))
     ref = data.DatasetRef("datasets", "synthetic/bench.parquet", put.etag, put.version_id or "")
     env = {**os.environ, **settings.client_env()}
@@ -95,7 +97,7 @@ def main() -> None:
     for run in range(args.runs):
         results["direct"].append(direct(pipeline, frame))
         started = time.perf_counter()
-        train.run(settings, pipeline, ref, [])
+        train.run(settings, pipeline, ref)
         results["platform"].append(time.perf_counter() - started)
         started = time.perf_counter()
         subprocess.run(

@@ -20,14 +20,27 @@ from __future__ import annotations
 import datetime
 import logging
 
-from airflow.sdk import DAG, Asset, task
+from airflow.sdk import DAG, Asset, Param, task
 
 from flywheel import pipelines, runner
 from flywheel.settings import Settings
 
 START = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+def alert_on_failure(context) -> None:
+    """A task that failed for good (a rejected dataset, a failed deploy) raises an alert (flywheel/alerts.py)."""
+    from flywheel import alerts
+
+    alerts.task_failed(context)
+
+
 # A rejected dataset fails at once (AirflowFailException); retries are for infrastructure hiccups.
-DEFAULT_ARGS = {"retries": 2, "retry_delay": datetime.timedelta(seconds=5)}
+DEFAULT_ARGS = {
+    "retries": 2,
+    "retry_delay": datetime.timedelta(seconds=5),
+    "on_failure_callback": alert_on_failure,
+}
 SETTINGS = Settings.load()
 RUNNER = runner.backend()
 PLANNED = "ti.xcom_pull(task_ids='plan')"
@@ -51,14 +64,23 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
         # trained by the next run, and `account` records each one (flywheel/uploads.py).
         max_active_runs=1,
         tags=["flywheel", "train", p.name],
-        doc_md=f"Retrain **{p.name}** ({p.framework}, {p.task}) on the newest upload to `{p.dataset_uri}/`.",
+        doc_md=f"Retrain **{p.name}** ({p.framework}, {p.task}) on the newest upload to `{p.dataset_uri}/`, "
+        "or by hand (Trigger, or `flywheel train`) with the parameters below.",
+        # A hand-triggered run's choices; an upload-triggered run keeps the defaults.
+        params={
+            "dataset": Param(
+                "", type="string", description=f"key or version id under datasets/{p.name}/; empty: the newest"
+            ),
+            "params": Param({}, type="object", description=f"{p.framework} parameters overriding the pipeline file's"),
+            "note": Param("", type="string", maxLength=500, description="why this run, recorded on it"),
+        },
     ) as dag:
 
         @task(task_id="plan")
-        def plan_training(*, triggering_asset_events=None, run_id=None) -> dict:
+        def plan_training(*, triggering_asset_events=None, run_id=None, dag_run=None, params=None) -> dict:
             from flywheel import tasks
 
-            return tasks.plan(p.name, run_id, triggering_asset_events)
+            return tasks.plan(p.name, run_id, triggering_asset_events, dag_run, params)
 
         @task
         def validate(planned: dict, *, run_id=None) -> dict:
@@ -67,10 +89,10 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
             return tasks.validate(p.name, planned, run_id)
 
         @task
-        def train(validated: dict, *, run_id=None) -> dict:
+        def train(validated: dict, *, ti=None, run_id=None) -> dict:
             from flywheel import tasks
 
-            return tasks.train(p.name, validated, run_id)
+            return tasks.train(p.name, validated, ti.xcom_pull(task_ids="plan"), run_id)
 
         @task.short_circuit(ignore_downstream_trigger_rules=False)
         def should_train(planned: dict) -> bool:
@@ -119,6 +141,8 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
                 p.name,
                 "--dataset",
                 f"{{{{ {PLANNED}['dataset'] | tojson }}}}",
+                "--trigger",
+                f"{{{{ {PLANNED}['trigger'] | tojson }}}}",
                 "--airflow-run",
                 "{{ run_id }}",
             )

@@ -73,6 +73,9 @@ def _read_spec(pipeline: str, version: str) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    from flywheel.registry import require_tracking
+
+    require_tracking()
     try:
         mv = MlflowClient().get_model_version(pipeline, version)
     except MlflowException as exc:

@@ -42,29 +42,106 @@ def cmd_status(settings: Settings, args) -> int:
     for r in rows:
         healthy = {True: "yes", False: "NO", None: "-"}[r["healthy"]]
         print(f"{r['name']:<24} {r['state']:<9} {r['pid']:>7}  {healthy:<8} {r['endpoint'] or ''}")
-    from flywheel import deploy, pipelines, serving_metrics
+    from flywheel import overview, pipelines, serving_metrics
+    from flywheel.airflow_api import AirflowAPI
+    from flywheel.mlflow_api import MlflowAPI
 
     stats = serving_metrics.by_pipeline(settings)
-    print(f"\n{'pipeline':<10} {'serving':<28} {'req/s':>8} {'errors':>8} {'p99 ms':>8}")
-    for p in pipelines.load_all(settings.pipelines_dir)[0]:
-        d = deploy.current(settings, p.name)
-        served = f"v{d.version} ({d.colour})" if d else "nothing deployed yet"
-        m = stats.get(p.name, {})
-        print(
-            f"{p.name:<10} {served:<28} {_fmt(m.get('rps'), '.1f'):>8} {_fmt(m.get('error_rate'), '.1%'):>8} "
-            f"{_fmt(m.get('p99_ms'), '.1f'):>8}"
-        )
+    with MlflowAPI.connect(settings) as mlflow, AirflowAPI.connect(settings) as airflow:
+        for p in pipelines.load_all(settings.pipelines_dir)[0]:
+            print()
+            try:
+                print(overview.render(overview.pipeline_status(settings, p, mlflow, airflow)))
+            except Exception as exc:  # one pipeline's trouble does not hide the others
+                print(f"{p.name}: could not read its state: {exc}")
+            m = stats.get(p.name, {})
+            print(
+                f"  traffic       {_fmt(m.get('rps'), '.1f')} req/s, errors {_fmt(m.get('error_rate'), '.1%')}, "
+                f"p99 {_fmt(m.get('p99_ms'), '.1f')} ms"
+            )
     from flywheel import deadletter
 
-    letters = deadletter.read_all(settings)
-    print(f"\ndead-lettered uploads: {len(letters)}" + (f" (in {deadletter.folder(settings)})" if letters else ""))
-    for letter in letters[-5:]:
+    known = {p.name for p in pipelines.load_all(settings.pipelines_dir)[0]}
+    unowned = [d for d in deadletter.read_all(settings) if d["upload"].get("pipeline") not in known]
+    print(f"\ndead-lettered uploads outside any pipeline: {len(unowned)}")
+    for letter in unowned[-5:]:
         print(f"  {letter['received_at'][:19]}  {letter['upload'].get('key', '?')}: {letter['reason']}")
     return 0 if all(r["state"] == "RUNNING" and r["healthy"] is not False for r in rows) else 1
 
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _value(text: str):
+    """A --param value: JSON where it parses (numbers), else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def cmd_train(settings: Settings, args) -> int:
+    """Trigger train_<p> by hand: the same validation and gate, with the chosen data and parameters."""
+    from flywheel.airflow_api import AirflowAPI, AirflowRejected
+    from flywheel.mlflow_api import MlflowAPI
+
+    params = json.loads(args.params) if args.params else {}  # Airflow checks its type against the DAG's params
+    for pair in args.param or []:
+        name, _, value = pair.partition("=")
+        params[name] = _value(value)
+    conf = {"dataset": args.dataset or "", "params": params, "note": args.note or ""}
+    with AirflowAPI.connect(settings) as api:
+        try:
+            run = api.trigger(f"train_{args.pipeline}", conf)
+        except AirflowRejected as exc:
+            _say(f"error: Airflow refused the run: {exc}")
+            return 1
+        run_id = run["dag_run_id"]
+        _say(f"train_{args.pipeline} {run_id} triggered with {conf}")
+        if not args.wait:
+            return 0
+        deadline = time.monotonic() + 900
+        while (state := api.get(f"/dags/train_{args.pipeline}/dagRuns/{run_id}")["state"]) not in ("success", "failed"):
+            if time.monotonic() > deadline:
+                _say(f"still {state} after 900 s: see {settings.airflow_url}/dags/train_{args.pipeline}")
+                return 1
+            time.sleep(2)
+        failed = [t for t in api.task_instances(f"train_{args.pipeline}", run_id) if t["state"] == "failed"]
+    with MlflowAPI.connect(settings) as mlflow:
+        runs = mlflow.search_runs(args.pipeline, f"tags.`airflow.run_id` = '{run_id}'")
+    for r in runs:
+        tags = r["data"]["tags"]
+        if tags.get("flywheel.decision") or tags.get("flywheel.status"):
+            version = f" v{tags['flywheel.model_version']}" if tags.get("flywheel.model_version") else ""
+            verdict = tags.get("flywheel.decision") or tags.get("flywheel.status")
+            _say(f"{verdict}{version}: {tags.get('flywheel.reason', '')}")
+    if failed:
+        from flywheel import alerts
+
+        names = ", ".join(t["task_id"] for t in failed)
+        reasons = [a["summary"] for a in alerts.recent(settings) if a["labels"].get("run_id") == run_id]
+        _say(f"{state}: {names} failed: {reasons[0] if reasons else f'see its log at {settings.airflow_url}'}")
+    return 0 if state == "success" else 1
+
+
+def cmd_lineage(settings: Settings, args) -> int:
+    from flywheel import lineage
+
+    try:
+        if args.request_id:
+            request = lineage.find_request(settings, args.request_id)
+            chain = {**lineage.chain(settings, request["pipeline"], request["version"]), "request": request}
+        else:
+            if not args.pipeline:
+                _say("error: name a pipeline, or --request-id")
+                return 2
+            chain = lineage.chain(settings, args.pipeline, args.version)
+    except lineage.LineageError as exc:
+        _say(f"error: {exc}")
+        return 1
+    print(json.dumps(chain, indent=1) if args.json else lineage.render(chain))
+    return 0
 
 
 def cmd_rollback(settings: Settings, args) -> int:
@@ -86,13 +163,22 @@ def cmd_rollback(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_retire(settings: Settings, args) -> int:
+    from flywheel import deploy
+
+    live = deploy.retire(settings, args.pipeline)
+    what = f"stopped v{live.version} ({live.group})" if live else "nothing was serving it"
+    _say(f"{args.pipeline}: {what}; its route goes once its pipeline file is gone too")
+    return 0
+
+
 def upload(settings: Settings, path: Path, pipeline: str, key: str | None = None) -> dict:
     """Upload a file as datasets/<pipeline>/<key>; a folder (an IDX set) goes up as datasets/<pipeline>/<key>/
     file by file, its `_SUCCESS` marker last, so the set's run starts once the set is whole."""
     from flywheel.data import minio_client
     from flywheel.pipelines import READY_MARKER
 
-    client = minio_client(settings)
+    client = minio_client(settings, root=True)  # the operator's upload, not the platform's identity
     key = f"{pipeline}/{key or path.name}"
     if path.is_dir():
         files = sorted(path.iterdir(), key=lambda f: (f.name == READY_MARKER, f.name))
@@ -194,7 +280,7 @@ def print_urls(settings: Settings) -> None:
                    -d '{{"inputs": [[5.1, 3.5, 1.4, 0.2]]}}'
   MinIO       {s.url(p.minio_console)}   (user/password: MINIO_ROOT_USER / MINIO_ROOT_PASSWORD in {s.repo / ".env"})
   Airflow     {s.airflow_url}   (user admin, password: AIRFLOW_ADMIN_PASSWORD in .env)
-  MLflow      {s.mlflow_url}
+  MLflow      {s.mlflow_url}   (user admin, password: MLFLOW_AUTH_ADMIN_PASSWORD in .env)
   Prometheus  {s.prometheus_url}
   Logs        {s.logs}/
 """,
@@ -220,6 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", metavar="ROW", help="wait until a prediction for this JSON row names the rolled-back version"
     )
     p.set_defaults(func=cmd_rollback)
+    p = sub.add_parser("train", help="retrain a pipeline by hand: chosen data, parameter overrides, a note")
+    p.add_argument("pipeline")
+    p.add_argument("--dataset", help="key or version id under datasets/<pipeline>/ (default: the newest upload)")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE", help="a parameter override (repeatable)")
+    p.add_argument("--params", help="parameter overrides as a JSON object")
+    p.add_argument("--note", help="why this run; recorded on it")
+    p.add_argument("--wait", action="store_true", help="wait for the run and print the gate's decision")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("lineage", help="upload -> event -> run -> MLflow -> version -> Bento -> deployment")
+    p.add_argument("pipeline", nargs="?")
+    p.add_argument("--version", help="a registered version (default: production)")
+    p.add_argument("--request-id", help="start from an answer's X-Request-Id")
+    p.add_argument("--json", action="store_true", help="one JSON document")
+    p.set_defaults(func=cmd_lineage)
+    p = sub.add_parser("retire", help="stop serving a pipeline (its route goes once its file is removed)")
+    p.add_argument("pipeline")
+    p.set_defaults(func=cmd_retire)
     p = sub.add_parser("predict", help="POST rows to /predict through Nginx")
     p.add_argument("rows", help='JSON list of rows, e.g. "[[5.1, 3.5, 1.4, 0.2]]"')
     p.add_argument("--pipeline", help="default: the default pipeline at /predict")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from minio import Minio
 
-from flywheel.settings import Settings
+from flywheel.settings import ML_ACCESS_KEY, Settings
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,14 @@ class DatasetRef:
         }
 
 
-def minio_client(settings: Settings) -> Minio:
-    return Minio(
-        settings.minio_endpoint,
-        access_key=settings.secrets["MINIO_ROOT_USER"],
-        secret_key=settings.secrets["MINIO_ROOT_PASSWORD"],
-        secure=False,
-    )
+def minio_client(settings: Settings, root: bool = False) -> Minio:
+    """The platform's MinIO identity (read datasets, read and write mlflow), or, to set MinIO up and
+    for a person uploading datasets, the root user."""
+    if root:
+        access_key, secret_key = settings.secrets["MINIO_ROOT_USER"], settings.secrets["MINIO_ROOT_PASSWORD"]
+    else:
+        access_key, secret_key = ML_ACCESS_KEY, settings.secrets["FLYWHEEL_ML_SECRET_KEY"]
+    return Minio(settings.minio_endpoint, access_key=access_key, secret_key=secret_key, secure=False)
 
 
 def fetch(settings: Settings, ref: DatasetRef) -> bytes:

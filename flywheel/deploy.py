@@ -115,14 +115,14 @@ def _start_group(settings: Settings, pipeline: str, colour: str, bento_tag: str,
             str(port),
         ]
         name = replica_name(pipeline, colour, i)
-        env = {**settings.client_env(), "FLYWHEEL_REQUEST_LOG": str(settings.logs / f"{name}.requests.log")}
+        env = {**settings.serving_env(), "FLYWHEEL_REQUEST_LOG": str(settings.logs / f"{name}.requests.log")}
         lines += stack.program(settings, name, command, env, priority=200, cpus=routes.cpus_for(i))
     lines += [
         f"[group:{group}]",
         f"programs={','.join(replica_name(pipeline, colour, i) for i in range(len(ports)))}",
         "",
     ]
-    _conf_path(settings, group).write_text("\n".join(lines))
+    stack.write_private(_conf_path(settings, group), "\n".join(lines))
     sup = stack.supervisor(settings)
     sup.reloadConfig()
     sup.addProcessGroup(group)
@@ -156,7 +156,7 @@ def smoke_test(url: str, version: str, smoke: dict, chunk: int = 100) -> float:
 
 
 def load_smoke_set(settings: Settings, pipeline: str, version: str) -> dict:
-    mlflow = MlflowAPI(settings.mlflow_url)
+    mlflow = MlflowAPI.connect(settings)
     try:
         run_id = mlflow.model_version(pipeline, version)["run_id"]
         return json.loads(mlflow.run_artifact(run_id, SMOKE_ARTIFACT))
@@ -164,13 +164,18 @@ def load_smoke_set(settings: Settings, pipeline: str, version: str) -> dict:
         mlflow.close()
 
 
-def mark_failed(settings: Settings, pipeline: str, version: str, reason: str) -> None:
-    mlflow = MlflowAPI(settings.mlflow_url)
-    try:
-        mlflow.set_version_tag(pipeline, version, "flywheel.deployment", "failed")
+DEPLOYMENT_TAG = "flywheel.deployment"  # on the model version: serving, retired or failed
+
+
+def mark(settings: Settings, pipeline: str, version: str, state: str, reason: str) -> None:
+    """Record on the registered version what became of its deployment, and why."""
+    with MlflowAPI.connect(settings) as mlflow:
+        mlflow.set_version_tag(pipeline, version, DEPLOYMENT_TAG, state)
         mlflow.set_version_tag(pipeline, version, "flywheel.deployment_reason", reason[:4900])
-    finally:
-        mlflow.close()
+
+
+def mark_failed(settings: Settings, pipeline: str, version: str, reason: str) -> None:
+    mark(settings, pipeline, version, "failed", reason)
 
 
 def _record(settings: Settings, pipeline: str, deployment: Deployment | None) -> None:
@@ -221,9 +226,12 @@ def rollout(
         reason = f"{pipeline.name} v{version} not deployed, {keeps}: {exc}"
         mark_failed(settings, pipeline.name, version, reason)
         raise DeployFailed(reason) from exc
+    mark(settings, pipeline.name, version, "serving", f"{group} on ports {list(ports)} since {time.ctime()}")
     if live is not None and live.colour != colour:
         time.sleep(DRAIN_SECONDS)  # requests in flight on the old colour finish
         _remove_group(settings, live.group)
+        if live.version != str(version):
+            mark(settings, pipeline.name, live.version, "retired", f"replaced by v{version} at {time.ctime()}")
         log(f"stopped {live.group} (v{live.version})")
     return deployment
 
@@ -265,7 +273,7 @@ def rollback(settings: Settings, pipeline: Pipeline) -> dict:
     """
     from flywheel.airflow_api import AirflowAPI
 
-    mlflow = MlflowAPI(settings.mlflow_url)
+    mlflow = MlflowAPI.connect(settings)
     try:
         current_version = mlflow.version_by_alias(pipeline.model_name, "production")
         previous = mlflow.version_by_alias(pipeline.model_name, "previous")

@@ -6,7 +6,7 @@ import json
 
 import httpx
 
-from flywheel.settings import Settings
+from flywheel.settings import MLFLOW_SERVICE_USER, Settings
 
 
 def _tags(entity: dict) -> dict:
@@ -16,13 +16,13 @@ def _tags(entity: dict) -> dict:
 
 
 class MlflowAPI:
-    def __init__(self, base_url: str, timeout: float = 30.0):
-        self._client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+    def __init__(self, base_url: str, auth: tuple[str, str] | None = None, timeout: float = 30.0):
+        self._client = httpx.Client(base_url=base_url.rstrip("/"), auth=auth, timeout=timeout)
 
     @classmethod
     def connect(cls, settings: Settings) -> MlflowAPI:
-        """The platform's client of the tracking server these settings name."""
-        return cls(settings.mlflow_url)
+        """The platform's client of the tracking server these settings name, as its service account."""
+        return cls(settings.mlflow_url, auth=(MLFLOW_SERVICE_USER, settings.secrets["MLFLOW_TRACKING_PASSWORD"]))
 
     def __enter__(self) -> MlflowAPI:
         return self

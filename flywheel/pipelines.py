@@ -23,6 +23,32 @@ READY_MARKER = "_SUCCESS"
 IDX_PARTS = ("images", "labels")
 
 
+# Training parameters each framework takes: (type, lowest, highest) or a tuple of allowed values.
+# A pipeline file and a hand-triggered run's overrides are checked against the same table, so a
+# misspelt or out-of-range parameter fails before any training starts.
+PARAMS: dict[str, dict[str, tuple]] = {
+    "xgboost": {
+        "max_depth": (int, 1, 32),
+        "eta": (float, 1e-6, 1.0),
+        "num_boost_round": (int, 1, 10_000),
+        "subsample": (float, 1e-6, 1.0),
+        "colsample_bytree": (float, 1e-6, 1.0),
+        "min_child_weight": (float, 0.0, 1e6),
+        "gamma": (float, 0.0, 1e6),
+        "lambda": (float, 0.0, 1e6),
+        "alpha": (float, 0.0, 1e6),
+        "max_bin": (int, 2, 4096),
+        "tree_method": ("hist", "approx", "exact"),
+    },
+    "tensorflow": {
+        "epochs": (int, 1, 1000),
+        "batch_size": (int, 1, 4096),
+        "learning_rate": (float, 1e-7, 1.0),
+        "filters": (int, 1, 256),
+    },
+}
+
+
 class PipelineError(ValueError):
     """A pipeline file with a mistake; the message names the file and the field."""
 
@@ -99,6 +125,32 @@ class Pipeline:
         if self.format == "idx":
             return path.name == READY_MARKER
         return path.name != READY_MARKER and not path.name.startswith(".")
+
+
+def check_params(framework: str, params: dict, where: str) -> dict[str, Any]:
+    """The parameters, checked against the framework's table; a PipelineError names the first problem."""
+    if not isinstance(params, dict):
+        raise PipelineError(f"{where}: parameters must be a mapping of name to value, got {params!r}")
+    known = PARAMS[framework]
+    checked = {}
+    for name, value in params.items():
+        if name not in known:
+            raise PipelineError(f"{where}: unknown {framework} parameter {name!r}; expected one of {sorted(known)}")
+        rule = known[name]
+        if isinstance(rule[0], str):  # a choice
+            if value not in rule:
+                raise PipelineError(f"{where}: parameter {name!r} is {value!r}; expected one of {list(rule)}")
+        else:
+            kind, low, high = rule
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or (kind is int and float(value) != int(value)):
+                expected = "a whole number" if kind is int else "a number"
+                raise PipelineError(f"{where}: parameter {name!r} must be {expected}, got {value!r}")
+            if not low <= value <= high:
+                raise PipelineError(f"{where}: parameter {name!r} must be between {low} and {high}, got {value}")
+            value = kind(value)
+        checked[name] = value
+    return checked
 
 
 def _require(data: dict, key: str, source: str, kind: type | tuple = str) -> Any:
@@ -199,7 +251,7 @@ def parse(data: Any, source: str) -> Pipeline:
     prefix = data.get("dataset_prefix", f"{name}/")
     if holdout_object and not str(holdout_object).startswith(prefix):
         raise PipelineError(f"{source}: field 'holdout.object' must be a key under {prefix}")
-    params = _section(data, "params", source)
+    params = check_params(framework, _section(data, "params", source), f"{source}: field 'params'")
     serving = _section(data, "serving", source)
     unknown_serving = sorted(set(serving) - {"batching", "replicas"})
     if unknown_serving:

@@ -19,11 +19,24 @@ GENERATED_SECRETS = (
     "AIRFLOW__API__SECRET_KEY",
     "AIRFLOW__CORE__FERNET_KEY",
     "FLYWHEEL_WEBHOOK_TOKEN",
+    # MinIO identity of training, serving and MLflow's artifact proxy (ML_ACCESS_KEY): read
+    # `datasets`, read and write `mlflow`; the root user is only for setting MinIO up.
+    "FLYWHEEL_ML_SECRET_KEY",
+    # MLflow's basic-auth app: its session key, the login of people (user `admin`) and of the
+    # platform's service account (MLFLOW_SERVICE_USER), under MLflow's own variable names.
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_TRACKING_PASSWORD",
     # Compose mode's own services; embedded mode has them too so one `.env` serves both.
     "POSTGRES_PASSWORD",
     "GF_SECURITY_ADMIN_PASSWORD",
     "GRAFANA_DB_PASSWORD",
 )
+
+
+ML_ACCESS_KEY = "flywheel-ml"
+MLFLOW_SERVICE_USER = "flywheel"
+MLFLOW_ADMIN_USER = "admin"
 
 
 def _generate(name: str) -> str:
@@ -76,6 +89,7 @@ class Ports:
     nginx_status: int = 8001
     nginx_exporter: int = 9113
     prometheus: int = 9090
+    alertmanager: int = 9093
     bridge: int = 8090
     airflow_scheduler_health: int = 8974
     bento_base: int = 3100  # each pipeline gets a block of ports from here, recorded (flywheel/routes.py)
@@ -94,6 +108,10 @@ class Settings:
     mlflow_bucket: str = "mlflow"
     # Compose mode: the host each port's service is reached at (FLYWHEEL_<NAME>_HOST); else `host`.
     hosts: dict[str, str] = field(default_factory=dict)
+    # Where alerts go (FLYWHEEL_ALERT_WEBHOOK): Prometheus' through Alertmanager, Airflow's failures.
+    alert_webhook: str = field(default="", repr=False)
+    # /predict's API keys (FLYWHEEL_API_KEYS, comma-separated); none: /predict is open.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def load(cls, environ: dict[str, str] | None = None, create_secrets: bool = False) -> Settings:
@@ -118,6 +136,8 @@ class Settings:
             host=merged.get("FLYWHEEL_HOST", "127.0.0.1"),
             default_pipeline=merged.get("FLYWHEEL_DEFAULT_PIPELINE", "iris"),
             pipelines_dir=Path(merged.get("FLYWHEEL_PIPELINES_DIR", repo / "pipelines")),
+            alert_webhook=merged.get("FLYWHEEL_ALERT_WEBHOOK", "").strip(),
+            api_keys=tuple(k.strip() for k in merged.get("FLYWHEEL_API_KEYS", "").split(",") if k.strip()),
             hosts={
                 name: merged[f"FLYWHEEL_{name.upper()}_HOST"]
                 for name in Ports.__dataclass_fields__
@@ -185,8 +205,22 @@ class Settings:
         return {f"FLYWHEEL_{name.upper()}_PORT": str(port) for name, port in asdict(self.ports).items()}
 
     def client_env(self) -> dict[str, str]:
-        """What a training or serving process needs to reach MinIO and MLflow."""
-        user, password = self.secrets["MINIO_ROOT_USER"], self.secrets["MINIO_ROOT_PASSWORD"]
+        """What a training process (and MLflow's artifact proxy) needs to reach MinIO and MLflow:
+        the ML identity, never MinIO's root user."""
+        return {
+            **self.serving_env(),
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "MLFLOW_TRACKING_USERNAME": MLFLOW_SERVICE_USER,
+            "MLFLOW_TRACKING_PASSWORD": self.secrets["MLFLOW_TRACKING_PASSWORD"],
+            "MLFLOW_S3_ENDPOINT_URL": self.url(self.ports.minio),
+            "AWS_ACCESS_KEY_ID": ML_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": self.secrets["FLYWHEEL_ML_SECRET_KEY"],
+            "FLYWHEEL_ML_SECRET_KEY": self.secrets["FLYWHEEL_ML_SECRET_KEY"],
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        }
+
+    def serving_env(self) -> dict[str, str]:
+        """What a Bento server needs: where things are, and no secret at all."""
         return {
             **self.port_env(),
             "FLYWHEEL_HOST": self.host,
@@ -194,15 +228,8 @@ class Settings:
             "FLYWHEEL_REPO": str(self.repo),
             "FLYWHEEL_STATE_DIR": str(self.state),
             "FLYWHEEL_PIPELINES_DIR": str(self.pipelines_dir),
-            "MLFLOW_TRACKING_URI": self.mlflow_url,
-            "MLFLOW_S3_ENDPOINT_URL": self.url(self.ports.minio),
-            "AWS_ACCESS_KEY_ID": user,
-            "AWS_SECRET_ACCESS_KEY": password,
-            "MINIO_ROOT_USER": user,
-            "MINIO_ROOT_PASSWORD": password,
             "BENTOML_HOME": str(self.bentoml_home),
             "BENTOML_DO_NOT_TRACK": "True",
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         }
 
 

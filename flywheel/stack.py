@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import time
 import xmlrpc.client
@@ -129,14 +131,47 @@ def prometheus_conf(settings: Settings) -> str:
         template.replace("@TARGETS@", str(settings.state / "prometheus" / "targets"))
         .replace("@EXPORTER@", f"{settings.host_of(settings.ports.nginx_exporter)}:{settings.ports.nginx_exporter}")
         .replace("@PROMETHEUS@", f"{settings.host_of(settings.ports.prometheus)}:{settings.ports.prometheus}")
+        .replace("@ALERTMANAGER@", f"{settings.host_of(settings.ports.alertmanager)}:{settings.ports.alertmanager}")
         .replace("@BRIDGE@", f"{settings.host_of(settings.ports.bridge)}:{settings.ports.bridge}")
         .replace("@RULES@", str(settings.repo / "services" / "prometheus" / "rules.yml"))
     )
 
 
+def write_private(path: Path, text: str) -> None:
+    """A file only its owner reads: whatever holds a secret (a password, a token, an API key)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)  # an older file of that name may have had another mode
+    tmp.rename(path)
+
+
+def api_keys_conf(settings: Settings) -> str:
+    """Nginx's check of /predict's API keys (FLYWHEEL_API_KEYS): none configured, every caller passes."""
+    lines = [
+        "# Rendered by flywheel/stack.py from FLYWHEEL_API_KEYS in .env.",
+        "map $http_authorization $flywheel_key {",
+    ]
+    bad = [key for key in settings.api_keys if not re.fullmatch(r"[A-Za-z0-9._~+/=-]{16,256}", key)]
+    if bad:
+        raise StackError("FLYWHEEL_API_KEYS: each key must be 16-256 characters of letters, digits and ._~+/=-")
+    if settings.api_keys:
+        lines += ["    default 0;", *(f'    "Bearer {key}" 1;' for key in settings.api_keys)]
+    else:
+        lines.append("    default 1;")
+    return "\n".join([*lines, "}", ""])
+
+
 def render(settings: Settings) -> None:
-    """Write every generated file into the state folder; deployments already made are kept."""
+    """Write every generated file into the state folder; deployments already made are kept.
+
+    The state folder is its owner's alone (700): MinIO's raw objects, its event queue, the databases
+    and every rendered file with a secret in it live there.
+    """
     s = settings
+    s.state.mkdir(parents=True, exist_ok=True)
+    s.state.chmod(0o700)
     for folder in (
         "logs",
         "supervisor/conf.d",
@@ -149,33 +184,30 @@ def render(settings: Settings) -> None:
         "nginx/tmp",
         "prometheus/targets",
         "prometheus/data",
+        "alertmanager/data",
     ):
         (s.state / folder).mkdir(parents=True, exist_ok=True)
     (s.logs / "airflow").mkdir(parents=True, exist_ok=True)
-    (s.state / "supervisord.conf").write_text(supervisor_conf(s))
+    write_private(s.state / "supervisord.conf", supervisor_conf(s))  # each program's secrets
     (s.state / NGINX_DIR / "nginx.conf").write_text(nginx_conf(s))
+    write_private(s.state / NGINX_DIR / "api_keys.conf", api_keys_conf(s))
     routes.sync(s, reload=False)
     (s.state / "prometheus" / "prometheus.yml").write_text(prometheus_conf(s))
+    (s.state / "mlflow" / "basic_auth.ini").write_text(topology.mlflow_auth_ini(s))
+    write_private(s.state / "alertmanager" / "alertmanager.yml", topology.alertmanager_conf(s))  # the bridge's token
     # The simple auth manager reads this file; the password itself lives in .env.
-    passwords = s.airflow_home / "passwords.json"
-    passwords.write_text(json.dumps({"admin": s.secrets["AIRFLOW_ADMIN_PASSWORD"]}) + "\n")
-    passwords.chmod(0o600)
+    write_private(s.airflow_home / "passwords.json", json.dumps({"admin": s.secrets["AIRFLOW_ADMIN_PASSWORD"]}) + "\n")
 
 
 # --- processes -----------------------------------------------------------------------------
 
 
 def process_env(settings: Settings) -> dict[str, str]:
-    """The environment supervisord and every child inherit."""
+    """The environment supervisord and every child inherit: where things are, no secret. Each
+    program's own secrets are in its `environment` (topology.py), in a file only its user reads."""
     s = settings
     path = f"{s.venv_platform / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}:/usr/sbin:/sbin"
-    return {
-        **os.environ,
-        **s.client_env(),
-        **topology.airflow_env(s),
-        "PATH": path,
-        "FLYWHEEL_AIRFLOW_PASSWORD": s.secrets["AIRFLOW_ADMIN_PASSWORD"],
-    }
+    return {**os.environ, **s.serving_env(), "PATH": path}
 
 
 def supervisor(settings: Settings):
@@ -196,22 +228,95 @@ def supervisord_running(settings: Settings) -> bool:
 def migrate_airflow(settings: Settings) -> None:
     subprocess.run(
         [str(settings.venv_platform / "bin" / "airflow"), "db", "migrate"],
-        env=process_env(settings),
+        env={**process_env(settings), **topology.airflow_env(settings)},
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
 
 
+UPLOAD_EVENTS = [
+    "s3:ObjectCreated:Put",
+    "s3:ObjectCreated:Post",
+    "s3:ObjectCreated:Copy",
+    "s3:ObjectCreated:CompleteMultipartUpload",
+]
+
+
+def ensure_mlflow_accounts(settings: Settings) -> None:
+    """MLflow's service account for the platform, with rights on every experiment and model: idempotent.
+
+    The server's basic-auth app creates the `admin` login (for people) from MLFLOW_AUTH_ADMIN_PASSWORD.
+    """
+    from flywheel.settings import MLFLOW_ADMIN_USER, MLFLOW_SERVICE_USER
+
+    auth = (MLFLOW_ADMIN_USER, settings.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    with httpx.Client(base_url=settings.mlflow_url, auth=auth, timeout=30) as mlflow:
+        user = {"username": MLFLOW_SERVICE_USER, "password": settings.secrets["MLFLOW_TRACKING_PASSWORD"]}
+        r = mlflow.post("/api/2.0/mlflow/users/create", json=user)
+        if r.status_code >= 300 and "already exists" not in r.text.lower():
+            raise StackError(f"MLflow did not create its service account: HTTP {r.status_code}: {r.text[:200]}")
+        if r.status_code >= 300:  # keep it in step with .env
+            r = mlflow.patch("/api/2.0/mlflow/users/update-password", json=user)
+            if r.status_code >= 300:
+                raise StackError(f"MLflow kept the service account's old password: HTTP {r.status_code}")
+        for resource in ("experiment", "registered_model"):
+            grant = {
+                "username": MLFLOW_SERVICE_USER,
+                "resource_type": resource,
+                "resource_id": "*",
+                "permission": "MANAGE",
+            }
+            r = mlflow.post("/api/3.0/mlflow/users/permissions/grant", json=grant)
+            if r.status_code >= 300 and "exist" not in r.text.lower():
+                raise StackError(f"MLflow refused the service account's rights: HTTP {r.status_code}: {r.text[:200]}")
+
+
+def ml_policy(settings: Settings) -> dict:
+    """What the platform's MinIO identity may do: read datasets, read and write MLflow's artifacts."""
+    datasets, artifacts = settings.datasets_bucket, settings.mlflow_bucket
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketVersions"],
+                "Resource": [f"arn:aws:s3:::{datasets}"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:GetObjectVersion"],
+                "Resource": [f"arn:aws:s3:::{datasets}/*"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:*"],
+                "Resource": [f"arn:aws:s3:::{artifacts}", f"arn:aws:s3:::{artifacts}/*"],
+            },
+        ],
+    }
+
+
 def ensure_buckets(settings: Settings) -> None:
-    """Buckets, versioning and the webhook notification: idempotent, run at every `up`."""
+    """Buckets, versioning, the webhook notification and the platform's own MinIO identity (with
+    only the rights it needs): idempotent, run at every `up`."""
+    from minio import MinioAdmin
     from minio.commonconfig import ENABLED
+    from minio.credentials import StaticProvider
+    from minio.error import MinioAdminException
     from minio.notificationconfig import NotificationConfig, QueueConfig
     from minio.versioningconfig import VersioningConfig
 
     from flywheel.data import minio_client
+    from flywheel.settings import ML_ACCESS_KEY
 
-    client = minio_client(settings)
+    root = settings.secrets["MINIO_ROOT_USER"], settings.secrets["MINIO_ROOT_PASSWORD"]
+    admin = MinioAdmin(endpoint=settings.minio_endpoint, credentials=StaticProvider(*root), secure=False)
+    admin.policy_add(ML_ACCESS_KEY, policy=ml_policy(settings))
+    admin.user_add(ML_ACCESS_KEY, settings.secrets["FLYWHEEL_ML_SECRET_KEY"])
+    with contextlib.suppress(MinioAdminException):  # attached at an earlier `up`
+        admin.attach_policy([ML_ACCESS_KEY], user=ML_ACCESS_KEY)
+    client = minio_client(settings, root=True)
     for bucket in (settings.datasets_bucket, settings.mlflow_bucket):
         if not client.bucket_exists(bucket):
             client.make_bucket(bucket)
@@ -220,7 +325,8 @@ def ensure_buckets(settings: Settings) -> None:
     client.set_bucket_notification(
         settings.datasets_bucket,
         NotificationConfig(
-            queue_config_list=[QueueConfig(queue=arn, events=["s3:ObjectCreated:*"], config_id="flywheel")]
+            # New objects only: tagging an object (s3:ObjectCreated:PutTagging) is no upload.
+            queue_config_list=[QueueConfig(queue=arn, events=UPLOAD_EVENTS, config_id="flywheel")]
         ),
     )
 
@@ -255,6 +361,7 @@ def up(settings: Settings, progress=print, timeout: float = 180) -> None:
             check=True,
             stdout=subprocess.DEVNULL,
         )
+        routes.reload_nginx(s)  # routes and API keys as rendered now
     else:
         if leftovers := sweep(s, _supervisord_pid(s)):
             progress(f"killed {len(leftovers)} processes a dead supervisord left behind")
@@ -271,6 +378,8 @@ def up(settings: Settings, progress=print, timeout: float = 180) -> None:
         if svc.health:
             wait_healthy(svc.health, timeout, svc.name)
             progress(f"  {svc.name:<22} healthy")
+        if svc.name == "mlflow":
+            ensure_mlflow_accounts(s)
     # Processes without an HTTP health check must at least be RUNNING.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

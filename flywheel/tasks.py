@@ -27,21 +27,64 @@ def _clients(settings: Settings) -> tuple[MlflowAPI, AirflowAPI]:
     return MlflowAPI.connect(settings), AirflowAPI.connect(settings)
 
 
-def plan(pipeline_name: str, airflow_run: str, triggering_asset_events=None) -> dict:
-    """Pick what this run trains on: the newest upload in MinIO, whatever events triggered it.
+def _trigger(pipeline: pipelines.Pipeline, dag_run, params) -> dict:
+    """Who started the run and with what: an upload, or a person (Airflow's Trigger form, `flywheel train`).
 
-    The run is skipped (`skip` names why) when that very upload was already trained or rejected:
-    a burst's later events then cost a plan and an account, not a retraining.
+    A hand-triggered run's parameters are checked against the framework here, so a bad one fails
+    the run at once, with the reason, before any training.
     """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    run_type = getattr(getattr(dag_run, "run_type", ""), "value", getattr(dag_run, "run_type", ""))
+    if run_type != "manual":
+        return {"kind": "upload", "by": "", "note": "", "overrides": {}, "dataset": ""}
+    params = dict(params or {})
+    try:
+        overrides = pipelines.check_params(pipeline.framework, params.get("params") or {}, f"train_{pipeline.name}")
+    except pipelines.PipelineError as exc:
+        raise AirflowFailException(str(exc)) from exc
+    by = getattr(dag_run, "triggering_user_name", None) or "unknown"
+    return {
+        "kind": "manual",
+        "by": by,
+        "note": str(params.get("note") or ""),
+        "overrides": overrides,
+        "dataset": str(params.get("dataset") or "").strip(),
+    }
+
+
+def plan(pipeline_name: str, airflow_run: str, triggering_asset_events=None, dag_run=None, params=None) -> dict:
+    """Pick what this run trains on: the newest upload in MinIO, whatever events triggered it, or
+    the upload a person chose.
+
+    An upload-triggered run is skipped (`skip` names why) when that very upload was already trained
+    or rejected: a burst's later events then cost a plan and an account, not a retraining.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
     settings = Settings.load()
     pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
     planned_at = uploads.now()
+    trigger = _trigger(pipeline, dag_run, params)
     for e in _extras(triggering_asset_events):
         log.info(
             "triggered by the upload of %s (etag %s, version %s)", e.get("key"), e.get("etag"), e.get("version_id")
         )
-    dataset = uploads.newest(settings, pipeline)
-    planned = {"dataset": dataset, "planned_at": planned_at.isoformat(), "skip": "", "trained_by": ""}
+    if trigger["kind"] == "manual":
+        log.info("triggered by %s: %s", trigger["by"], {k: v for k, v in trigger.items() if k != "kind"})
+        try:
+            dataset = uploads.chosen(settings, pipeline, trigger["dataset"])
+        except LookupError as exc:
+            raise AirflowFailException(str(exc)) from exc
+    else:
+        dataset = uploads.newest(settings, pipeline)
+    planned = {
+        "dataset": dataset,
+        "planned_at": planned_at.isoformat(),
+        "skip": "",
+        "trained_by": "",
+        "trigger": trigger,
+    }
     mlflow = MlflowAPI.connect(settings)
     try:
         for run in mlflow.search_runs(pipeline.name, "attributes.status = 'RUNNING'"):
@@ -53,6 +96,8 @@ def plan(pipeline_name: str, airflow_run: str, triggering_asset_events=None) -> 
                 log.info("MLflow run %s was left RUNNING by a killed process: marked FAILED", run_id)
         if dataset is None:
             planned["skip"] = f"nothing to train: no object under datasets/{pipeline.dataset_prefix} starts a run"
+        elif trigger["kind"] == "manual":
+            pass  # a person asked for this training: it runs even on data trained before
         elif earlier := _decided(mlflow, pipeline, dataset):
             planned["trained_by"] = earlier["info"]["run_id"]
             planned["skip"] = (
@@ -104,7 +149,7 @@ def validate(pipeline_name: str, planned: dict, airflow_run: str = "") -> dict:
     return {"dataset": dataset, "rows": result["rows"]}
 
 
-def train(pipeline_name: str, validated: dict, airflow_run: str) -> dict:
+def train(pipeline_name: str, validated: dict, planned: dict, airflow_run: str) -> dict:
     settings = Settings.load()
     return run_step(
         settings,
@@ -113,6 +158,8 @@ def train(pipeline_name: str, validated: dict, airflow_run: str) -> dict:
         pipeline_name,
         "--dataset",
         json.dumps(validated["dataset"]),
+        "--trigger",
+        json.dumps(planned["trigger"]),
         "--airflow-run",
         airflow_run,
     )
@@ -139,6 +186,8 @@ def account(pipeline_name: str, airflow_run: str, planned: dict | None) -> dict:
         rejected = next((r for r in runs if r["data"]["tags"].get("flywheel.status") == "rejected"), None)
         if planned is None:
             return _nothing(f"{airflow_run} has no plan: its uploads stay pending")
+        if planned.get("trigger", {}).get("kind") == "manual":
+            return _nothing("a hand-triggered run: uploads are accounted for by the runs they trigger")
         if planned["skip"]:
             outcome, by, target = "already-trained", planned["trained_by"], None
         elif trained is not None:
@@ -203,13 +252,21 @@ def newest_production(triggering_asset_events) -> dict:
 
 def build(pipeline_name: str, production: dict) -> dict:
     settings = Settings.load()
-    return run_step(settings, "build", "--pipeline", pipeline_name, "--version", str(production["version"]))
+    built = run_step(settings, "build", "--pipeline", pipeline_name, "--version", str(production["version"]))
+    # The rollout says so when what it rolls out is a rollback.
+    return {**built, "rollback_from": production.get("rollback_from") or ""}
 
 
 def rollout(pipeline_name: str, built: dict) -> dict:
     settings = Settings.load()
     pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
     d = deploy.rollout(settings, pipeline, built["version"], built["bento_tag"], log=log.info)
+    if built.get("rollback_from"):
+        from flywheel import alerts
+
+        summary = f"{pipeline_name} rolled back from v{built['rollback_from']} to v{d.version}: now serving"
+        labels = {"pipeline": pipeline_name, "severity": "info", "version": d.version}
+        alerts.notify(settings, [alerts.alert("airflow", "Flywheel: rollback", summary, labels, status="resolved")])
     return {
         "pipeline": d.pipeline,
         "version": d.version,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 
-from flywheel.settings import Settings
+from flywheel.settings import MLFLOW_ADMIN_USER, Settings
 
 WEBHOOK_ID = "FLYWHEEL"  # MinIO's notification target id: arn:minio:sqs::FLYWHEEL:webhook
 
@@ -41,6 +41,26 @@ def minio_env(settings: Settings) -> dict[str, str]:
         prefix.format("QUEUE_DIR"): str(s.state / "minio" / "events-queue"),
         "MINIO_BROWSER_REDIRECT_URL": s.url(s.ports.minio_console),
     }
+
+
+def mlflow_auth_ini(settings: Settings) -> str:
+    """MLflow's basic-auth app: its users in the state folder, read-only for any login by default.
+
+    The admin password comes from MLFLOW_AUTH_ADMIN_PASSWORD in the server's environment, not
+    from this file.
+    """
+    return "\n".join(
+        [
+            "[mlflow]",
+            "default_permission = READ",
+            f"database_uri = sqlite:///{settings.state / 'mlflow' / 'basic_auth.db'}",
+            f"admin_username = {MLFLOW_ADMIN_USER}",
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+            # One server process: a login is checked once a minute, not hashed on every request.
+            "auth_cache_ttl_seconds = 60",
+            "",
+        ]
+    )
 
 
 def airflow_env(settings: Settings) -> dict[str, str]:
@@ -88,6 +108,8 @@ def services(settings: Settings) -> list[Service]:
     platform_bin = s.venv_platform / "bin"
     ml_bin = s.venv_ml / "bin"
     airflow = str(platform_bin / "airflow")
+    # Airflow's own settings and secrets, and what its tasks need to reach MinIO and MLflow.
+    airflow_service_env = {**airflow_env(s), **s.client_env()}
     return [
         Service(
             "minio",
@@ -110,6 +132,9 @@ def services(settings: Settings) -> list[Service]:
             [
                 str(ml_bin / "mlflow"),
                 "server",
+                # Nobody changes runs, models or the `production` alias without a login.
+                "--app-name",
+                "basic-auth",
                 "--backend-store-uri",
                 f"sqlite:///{s.state / 'mlflow' / 'mlflow.db'}",
                 "--artifacts-destination",
@@ -123,14 +148,26 @@ def services(settings: Settings) -> list[Service]:
                 "1",
             ],
             f"{s.mlflow_url}/health",
-            # MLflow 3's job runner spawns several Huey consumers (~225 MB each) we do not use.
-            {**s.client_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            {
+                # The server stores artifacts as the platform's MinIO identity; it logs nobody in.
+                **{
+                    k: v
+                    for k, v in s.client_env().items()
+                    if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+                },
+                # MLflow 3's job runner spawns several Huey consumers (~225 MB each) we do not use.
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                "MLFLOW_AUTH_CONFIG_PATH": str(s.state / "mlflow" / "basic_auth.ini"),
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": s.secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+                "MLFLOW_AUTH_ADMIN_PASSWORD": s.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"],
+            },
             priority=20,
         ),
         Service(
             "airflow-api-server",
             [airflow, "api-server", "--host", s.host, "--port", str(p.airflow), "--workers", "1"],
             f"{s.airflow_url}/api/v2/monitor/health",
+            airflow_service_env,
             priority=30,
         ),
         # No log servers (they bind every interface, and no setting moves them): the api-server reads
@@ -139,10 +176,13 @@ def services(settings: Settings) -> list[Service]:
             "airflow-scheduler",
             [airflow, "scheduler", "--skip-serve-logs"],
             f"{s.url(p.airflow_scheduler_health)}/health",
+            airflow_service_env,
             priority=40,
         ),
-        Service("airflow-dag-processor", [airflow, "dag-processor"], None, priority=40),
-        Service("airflow-triggerer", [airflow, "triggerer", "--skip-serve-logs"], None, priority=40),
+        Service("airflow-dag-processor", [airflow, "dag-processor"], None, airflow_service_env, priority=40),
+        Service(
+            "airflow-triggerer", [airflow, "triggerer", "--skip-serve-logs"], None, airflow_service_env, priority=40
+        ),
         Service(
             "events-bridge",
             [
@@ -158,6 +198,7 @@ def services(settings: Settings) -> list[Service]:
                 "info",
             ],
             f"{s.url(p.bridge)}/health",
+            s.client_env(),
             priority=50,
         ),
         Service(
@@ -183,9 +224,46 @@ def services(settings: Settings) -> list[Service]:
                 f"--config.file={s.state / 'prometheus' / 'prometheus.yml'}",
                 f"--storage.tsdb.path={s.state / 'prometheus' / 'data'}",
                 f"--web.listen-address={s.host}:{p.prometheus}",
-                "--web.enable-lifecycle",
             ],
             f"{s.prometheus_url}/-/ready",
             priority=70,
         ),
+        Service(
+            "alertmanager",
+            [
+                binary("prometheus-alertmanager"),
+                f"--config.file={s.state / 'alertmanager' / 'alertmanager.yml'}",
+                f"--storage.path={s.state / 'alertmanager' / 'data'}",
+                f"--web.listen-address={s.host}:{p.alertmanager}",
+                "--cluster.listen-address=",  # no gossip port (it would bind every interface)
+            ],
+            f"{s.url(p.alertmanager)}/-/ready",
+            priority=70,
+        ),
     ]
+
+
+def alertmanager_conf(settings: Settings) -> str:
+    """Every alert goes to the events bridge's /alerts, which records it and forwards it to
+    FLYWHEEL_ALERT_WEBHOOK (flywheel/alerts.py): one path for Prometheus' alerts and Airflow's."""
+    s = settings
+    return "\n".join(
+        [
+            "# Rendered by flywheel/stack.py from flywheel/topology.py.",
+            "route:",
+            "  receiver: flywheel",
+            "  group_by: [alertname, pipeline]",
+            "  group_wait: 5s",
+            "  group_interval: 30s",
+            "  repeat_interval: 4h",
+            "receivers:",
+            "  - name: flywheel",
+            "    webhook_configs:",
+            f"      - url: {s.url(s.ports.bridge)}/alerts",
+            "        send_resolved: true",
+            "        http_config:",
+            "          authorization:",
+            f"            credentials: {s.secrets['FLYWHEEL_WEBHOOK_TOKEN']}",
+            "",
+        ]
+    )

@@ -137,8 +137,17 @@ def fail_abandoned(client, experiment_id: str, airflow_run: str) -> None:
         client.set_terminated(run.info.run_id, status="FAILED")
 
 
-def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, airflow_run: str = "") -> dict:
+def run(
+    settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, airflow_run: str = "", trigger: dict | None = None
+) -> dict:
+    import dataclasses
+
     import mlflow
+
+    trigger = trigger or {}
+    overrides = pipelines.check_params(pipeline.framework, trigger.get("overrides") or {}, f"{pipeline.name} overrides")
+    if overrides:  # a hand-triggered run's parameters, over the pipeline file's
+        pipeline = dataclasses.replace(pipeline, params={**pipeline.params, **overrides})
 
     dataset = load_dataset(settings, pipeline, ref)
     holdout = None
@@ -151,6 +160,7 @@ def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, airflow_ru
         index = {c: i for i, c in enumerate(classes)}
         y_train = np.array([index[str(v)] for v in y_train])
     fw = frameworks.get(pipeline.framework)
+    registry.require_tracking()
     client = mlflow.MlflowClient()
     experiment = mlflow.set_experiment(pipeline.name)
     fail_abandoned(client, experiment.experiment_id, airflow_run)
@@ -161,6 +171,10 @@ def run(settings: Settings, pipeline: Pipeline, ref: data.DatasetRef, airflow_ru
         "dataset.etag": ref.etag,
         "dataset.version_id": ref.version_id,
         "airflow.run_id": airflow_run,
+        "flywheel.trigger": trigger.get("kind") or "upload",
+        "flywheel.triggered_by": trigger.get("by") or "",
+        "flywheel.note": (trigger.get("note") or "")[:4900],
+        "flywheel.overrides": json.dumps(overrides),
     }
     # The run ends FINISHED only once its version is registered, tagged and (if it won) promoted: a
     # kill at any point leaves it RUNNING, and the next attempt or run marks it FAILED.
@@ -237,13 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flywheel.train", description=__doc__)
     parser.add_argument("--pipeline", required=True)
     parser.add_argument("--dataset", required=True, help="the dataset event's extra, as JSON")
+    parser.add_argument("--trigger", default="{}", help="who started the run and with what (the plan's), as JSON")
     parser.add_argument("--airflow-run", default="")
     args = parser.parse_args(argv)
     settings = Settings.load()
     pipeline = pipelines.get(settings.pipelines_dir, args.pipeline)
     ref = data.DatasetRef.from_extra(json.loads(args.dataset))
     try:
-        result = run(settings, pipeline, ref, args.airflow_run)
+        result = run(settings, pipeline, ref, args.airflow_run, json.loads(args.trigger))
     except DatasetInvalid as exc:
         print(f"INVALID DATASET {exc}", file=sys.stderr)
         return 2

@@ -103,6 +103,41 @@ def newest(settings: Settings, pipeline: Pipeline) -> dict | None:
     }
 
 
+def chosen(settings: Settings, pipeline: Pipeline, ref: str) -> dict:
+    """The upload a person chose for a hand-triggered run: a key (its current version), a version id,
+    or, empty, the newest. LookupError says why nothing matches."""
+    from flywheel.data import minio_client
+
+    if not ref:
+        found = newest(settings, pipeline)
+        if found is None:
+            raise LookupError(f"nothing to train: no object under datasets/{pipeline.dataset_prefix} starts a run")
+        return found
+    client = minio_client(settings)
+    key = ref if ref.startswith(pipeline.dataset_prefix) else f"{pipeline.dataset_prefix}{ref}"
+    for obj in client.list_objects(
+        settings.datasets_bucket, prefix=pipeline.dataset_prefix, recursive=True, include_version=True
+    ):
+        if obj.is_delete_marker or not (
+            (obj.object_name == key and str(obj.is_latest).lower() == "true") or obj.version_id == ref
+        ):
+            continue
+        if not pipeline.triggers(obj.object_name):
+            raise LookupError(
+                f"{obj.object_name} does not start a {pipeline.name} run (an IDX set trains from its _SUCCESS marker)"
+            )
+        return {
+            "pipeline": pipeline.name,
+            "bucket": settings.datasets_bucket,
+            "key": obj.object_name,
+            "etag": (obj.etag or "").strip('"'),
+            "version_id": obj.version_id or "",
+            "size": obj.size,
+            "event_time": obj.last_modified.isoformat(),
+        }
+    raise LookupError(f"no upload under datasets/{pipeline.dataset_prefix} has the key or version id {ref!r}")
+
+
 def same_upload(a: dict, b: dict) -> bool:
     if a.get("version_id") and b.get("version_id"):
         return a["version_id"] == b["version_id"]

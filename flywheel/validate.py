@@ -150,6 +150,9 @@ def record_rejection(pipeline: Pipeline, ref: data.DatasetRef, reason: str, airf
     """A rejected upload is visible in MLflow too: a FAILED run tagged with the reason."""
     import mlflow
 
+    from flywheel.registry import require_tracking
+
+    require_tracking()
     mlflow.set_experiment(pipeline.name)
     with mlflow.start_run(run_name=f"rejected-{pipeline.name}") as run:
         mlflow.set_tags(

@@ -29,7 +29,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from flywheel import deadletter, events, pipelines, routes, uploads
+from flywheel import alerts, deadletter, events, pipelines, routes, uploads
 from flywheel.airflow_api import AirflowAPI, AirflowRejected, AirflowUnavailable
 from flywheel.mlflow_api import MlflowAPI
 from flywheel.settings import Settings
@@ -110,6 +110,21 @@ def _dead_letter(state: BridgeState, event: events.DatasetEvent, reason: str, re
     EVENTS.labels("dead_lettered").inc()
     log.warning("dead letter %s for %s: %s", path.name, event.key, reason)
     return {"key": event.key, "reason": reason, "dead_letter": path.name}
+
+
+@app.post("/alerts")
+async def alerts_in(request: Request, authorization: str | None = Header(default=None)) -> dict:
+    """Alertmanager's webhook: record each alert and forward it to FLYWHEEL_ALERT_WEBHOOK (flywheel/alerts.py)."""
+    state: BridgeState = request.app.state.bridge
+    if not _authorized(authorization, state.settings.secrets["FLYWHEEL_WEBHOOK_TOKEN"]):
+        raise HTTPException(status_code=401, detail="missing or wrong webhook token")
+    try:
+        found = alerts.from_alertmanager(await request.json())
+    except ValueError:
+        raise HTTPException(status_code=400, detail="body is not JSON") from None
+    delivered = await run_in_threadpool(alerts.notify, state.settings, found)
+    log.warning("alerts: %s (forwarded: %s)", ", ".join(f"{a['name']} {a['status']}" for a in found), delivered)
+    return {"received": len(found), "forwarded": delivered}
 
 
 @app.get("/health")

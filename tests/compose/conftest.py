@@ -25,7 +25,7 @@ PROJECT = "flywheel-test"
 # Host ports: the defaults plus this, on 127.0.0.1 only, beside a developer's own stacks (embedded
 # mode's defaults, and the embedded e2e test's +10000).
 PORT_OFFSET = 20000
-PUBLISHED = ("nginx", "airflow", "mlflow", "minio", "minio_console", "prometheus", "bridge")
+PUBLISHED = ("nginx", "airflow", "mlflow", "minio", "minio_console", "prometheus", "alertmanager", "bridge")
 UP_TIMEOUT = 900  # seconds for `up --wait`: a cold 2-core machine, Airflow's 60 s health checks
 FIGURES: dict[str, float | str] = {}
 

@@ -40,6 +40,7 @@ STANDINS = {
     "golang": "golang",
     "postgres": "postgres",
     "prom/prometheus": "prometheus",
+    "prom/alertmanager": "alertmanager",
     "redis": "redis",
 }
 # No stand-in: Grafana is neither in Debian nor anywhere else reachable, and a fake one would prove

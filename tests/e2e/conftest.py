@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,13 +19,48 @@ from tests.e2e.stack_ops import print_logs, processes_of
 PORT_OFFSET = 10000  # beside a developer's own stack on the default ports
 
 
+class AlertInbox(ThreadingHTTPServer):
+    """A webhook receiver on loopback: what FLYWHEEL_ALERT_WEBHOOK points the stack at."""
+
+    def __init__(self):
+        self.received: list[dict] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(handler):
+                body = handler.rfile.read(int(handler.headers.get("content-length", 0)))
+                self.received.extend(json.loads(body).get("alerts", []))
+                handler.send_response(200)
+                handler.end_headers()
+
+            def log_message(handler, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+
+
 @pytest.fixture(scope="session")
-def stack_settings(request):
+def alert_inbox():
+    inbox = AlertInbox()
+    threading.Thread(target=inbox.serve_forever, daemon=True).start()
+    yield inbox
+    inbox.shutdown()
+
+
+@pytest.fixture(scope="session")
+def stack_settings(request, alert_inbox):
     # Not under pytest's tmp_path: a second pytest session (pytest keeps three) may delete that folder.
     state = Path(tempfile.mkdtemp(prefix="flywheel-e2e-"))
     # The stack's own copy of the pipeline files: tests add and remove pipelines in it.
     shutil.copytree(REPO_ROOT / "pipelines", state / "pipelines")
-    env = {"FLYWHEEL_STATE_DIR": str(state), "FLYWHEEL_PIPELINES_DIR": str(state / "pipelines")}
+    env = {
+        "FLYWHEEL_STATE_DIR": str(state),
+        "FLYWHEEL_PIPELINES_DIR": str(state / "pipelines"),
+        "FLYWHEEL_ALERT_WEBHOOK": alert_inbox.url,
+    }
     env.update({f"FLYWHEEL_{name.upper()}_PORT": str(port + PORT_OFFSET) for name, port in vars(Ports()).items()})
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():

@@ -43,7 +43,9 @@ def csv_bytes(rows: list[list], columns=(*IRIS_COLUMNS, "species")) -> bytes:
 
 
 def put(settings: Settings, key: str, body: bytes, bucket: str = "datasets") -> dict:
-    result = minio_client(settings).put_object(bucket, key, io.BytesIO(body), len(body), content_type="text/csv")
+    result = minio_client(settings, root=True).put_object(
+        bucket, key, io.BytesIO(body), len(body), content_type="text/csv"
+    )
     return {"key": key, "etag": result.etag, "version_id": result.version_id}
 
 

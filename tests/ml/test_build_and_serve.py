@@ -9,9 +9,6 @@ import httpx
 import pytest
 from bento_server import serve
 
-pytest.importorskip("bentoml")
-pytest.importorskip("mlflow")
-
 PIPELINE = "iris"
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 DATASET = {
@@ -139,7 +136,6 @@ def test_build_result_and_build_folder(registry, built):
     assert built["version"] == version
     assert built["model_tag"] == f"iris:v{version}"
     assert built["bento_tag"] == f"flywheel-iris:v{version}"
-    assert built["build_seconds"] > 0
 
     folder = registry["root"] / "state" / "bento-builds" / f"iris-v{version}"
     spec = json.loads((folder / "flywheel_model.json").read_text())
@@ -235,9 +231,9 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("body,reason", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
-def test_bad_input_is_a_4xx_with_reason(server, body, reason):
+def test_bad_input_is_a_400_with_reason(server, body, reason):
     response = _predict(server["client"], body)
-    assert response.status_code in (400, 422), response.text
+    assert response.status_code == 400, response.text
     assert reason in json.dumps(response.json()), response.text
 
 

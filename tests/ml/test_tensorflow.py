@@ -17,10 +17,6 @@ import numpy as np
 import pytest
 from bento_server import serve
 
-pytest.importorskip("tensorflow")
-pytest.importorskip("bentoml")
-pytest.importorskip("mlflow")
-
 PIPELINE = "digits"
 EPOCHS = 3
 CLASSES = [str(c) for c in range(10)]

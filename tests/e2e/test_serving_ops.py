@@ -1,4 +1,7 @@
-"""End to end, serving done right (runs last): metrics in Prometheus, rollback under load, a failed rollout."""
+"""End to end, serving done right: metrics in Prometheus, a failed rollout and a rollback, both under load.
+
+Trains iris twice itself if it has no `previous` version to roll back to.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import pytest
 from flywheel import deploy, loadgen, pipelines
 from flywheel.airflow_api import AirflowAPI
 from flywheel.mlflow_api import MlflowAPI
+from tests.e2e.stack_ops import TRAINING, csv_bytes, put, wait_for_version
 
 pytestmark = pytest.mark.e2e
 
@@ -21,6 +25,19 @@ def api(stack_settings):
     client = AirflowAPI.connect(stack_settings)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_versions(stack_settings):
+    """A production iris version and a previous one: uploaded here if the registry lacks them."""
+    with MlflowAPI.connect(stack_settings) as mlflow:
+        missing = 2 - sum(mlflow.version_by_alias("iris", a) is not None for a in ("production", "previous"))
+    for i in range(missing):
+        before = (
+            served(stack_settings).json()["model"]["version"] if served(stack_settings).status_code == 200 else None
+        )
+        put(stack_settings, f"iris/ops-{i}.csv", csv_bytes(TRAINING[i:] + TRAINING[:i]))
+        wait_for_version(stack_settings, before)
 
 
 def served(settings) -> httpx.Response:
@@ -39,14 +56,22 @@ def prometheus(settings, promql: str, timeout: float = 60) -> list[dict]:
     raise AssertionError(f"Prometheus has no series for {promql}")
 
 
-def test_answers_carry_provenance_headers(stack_settings):
-    r = httpx.post(f"{stack_settings.predict_url}/iris/predict", json=ROW, headers={"X-Request-Id": "e2e-trace-1"})
+def test_answers_carry_provenance_and_the_clients_request_id_through_nginx_into_both_logs(stack_settings):
+    request_id = f"e2e-trace-{time.time_ns()}"
+    r = httpx.post(f"{stack_settings.predict_url}/iris/predict", json=ROW, headers={"X-Request-Id": request_id})
     assert r.status_code == 200
     body = r.json()
     assert r.headers["x-model-version"] == body["model"]["version"]
     assert r.headers["x-model-name"] == "iris"
     assert r.headers["x-dataset-version"] == body["dataset"]["etag"]
-    assert r.headers["x-request-id"]
+    assert r.headers["x-request-id"] == request_id  # the client's own id survived Nginx
+    time.sleep(1.5)  # both logs are written once a second
+    access = (stack_settings.logs / "nginx-access.log").read_text()
+    assert f"request_id={request_id} " in access and f"model_version={body['model']['version']}" in access
+    replica_logs = "".join(p.read_text() for p in stack_settings.logs.glob("bento-iris-*.requests.log"))
+    assert f"request_id={request_id} model=iris:v{body['model']['version']}" in replica_logs
+    anonymous = httpx.post(f"{stack_settings.predict_url}/iris/predict", json=ROW)
+    assert len(anonymous.headers["x-request-id"]) == 32  # Nginx made one
 
 
 def test_prometheus_scrapes_bento_metrics_labelled_by_version(stack_settings):
@@ -70,22 +95,23 @@ def test_every_metric_dashboards_use_is_scraped(stack_settings):
 
 
 def test_a_rollout_that_fails_its_smoke_test_keeps_the_old_one_serving(stack_settings):
-    """A Bento that answers wrongly (it serves another version than it claims) never takes traffic."""
+    """A Bento that answers wrongly (the live bento, rolled out as if it were `previous`) never takes traffic."""
     live = deploy.current(stack_settings, "iris")
-    mlflow = MlflowAPI(stack_settings.mlflow_url)
-    previous = mlflow.version_by_alias("iris", "previous")
-    assert previous and previous != live.version
-    pipeline = pipelines.get(stack_settings.pipelines_dir, "iris")
-    load = loadgen.start(f"{stack_settings.predict_url}/iris/predict", ROW, connections=4, seconds=25)
-    with pytest.raises(deploy.DeployFailed, match="smoke test"):
-        deploy.rollout(stack_settings, pipeline, live.version, f"flywheel-iris:v{previous}", log=print)
-    stats = loadgen.finish(load)
-    assert stats["failed"] == 0, stats
-    assert served(stack_settings).json()["model"]["version"] == live.version
-    assert deploy.current(stack_settings, "iris") == live
-    assert mlflow.model_version("iris", live.version)["tags"]["flywheel.deployment"] == "failed"
-    mlflow.set_version_tag("iris", live.version, "flywheel.deployment", "serving")  # leave the record honest
-    mlflow.close()
+    with MlflowAPI.connect(stack_settings) as mlflow:
+        previous = mlflow.version_by_alias("iris", "previous")
+        assert previous and previous != live.version
+        pipeline = pipelines.get(stack_settings.pipelines_dir, "iris")
+        load = loadgen.start(f"{stack_settings.predict_url}/iris/predict", ROW, connections=4, seconds=25)
+        with pytest.raises(deploy.DeployFailed, match=f"answers as v{live.version}, expected v{previous}"):
+            deploy.rollout(stack_settings, pipeline, previous, live.bento_tag, log=print)
+        stats = loadgen.finish(load)
+        assert stats["failed"] == 0, stats
+        assert served(stack_settings).json()["model"]["version"] == live.version
+        assert deploy.current(stack_settings, "iris") == live
+        tags = mlflow.model_version("iris", previous)["tags"]
+        assert tags["flywheel.deployment"] == "failed"
+        assert "smoke test" in tags["flywheel.deployment_reason"]
+        assert mlflow.model_version("iris", live.version)["tags"]["flywheel.deployment"] == "serving"
 
 
 def test_rollback_under_load_serves_previous_with_zero_failed_requests(stack_settings, api):
@@ -106,3 +132,6 @@ def test_rollback_under_load_serves_previous_with_zero_failed_requests(stack_set
     assert served(stack_settings).json()["model"]["version"] == extra["version"]
     assert stats["requests"] > 1000
     assert stats["failed"] == 0, f"failed requests during the blue/green switch: {stats}"
+    with MlflowAPI.connect(stack_settings) as mlflow:  # the version that failed before now serves, and says so
+        assert mlflow.model_version("iris", extra["version"])["tags"]["flywheel.deployment"] == "serving"
+        assert mlflow.model_version("iris", live)["tags"]["flywheel.deployment"] == "retired"

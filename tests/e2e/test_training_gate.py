@@ -1,4 +1,4 @@
-"""End to end, training done right (runs after test_1): the gate, rejections, a CNN."""
+"""End to end, training done right: the gate, rejections, a CNN. Trains iris itself if nothing serves it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ import pytest
 
 from flywheel import cli
 from flywheel.airflow_api import AirflowAPI
-from tests.e2e.test_1_upload_to_prediction import DEADLINE, HOLDOUT, TRAINING, csv_bytes, predict, put
+from tests.e2e.stack_ops import (
+    DEADLINE,
+    HOLDOUT,
+    IRIS_COLUMNS,
+    TRAINING,
+    csv_bytes,
+    mlflow_runs,
+    put,
+    served,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -33,17 +43,20 @@ def finished_run(api, dag_id: str, after: set[str]) -> dict:
     raise AssertionError(f"no finished {dag_id} run within {DEADLINE}s")
 
 
-def mlflow_runs(settings, experiment: str, filter_string: str) -> list[dict]:
-    base = f"{settings.mlflow_url}/api/2.0/mlflow"
-    exp = httpx.get(f"{base}/experiments/get-by-name", params={"experiment_name": experiment}).json()
-    r = httpx.post(
-        f"{base}/runs/search", json={"experiment_ids": [exp["experiment"]["experiment_id"]], "filter": filter_string}
-    )
-    return r.json().get("runs", [])
+def predict(settings, body, path: str = "/iris/predict") -> httpx.Response:
+    return httpx.post(f"{settings.predict_url}{path}", json=body, timeout=30)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def iris_serving(stack_settings):
+    """A production iris model to gate against: trained here if nothing serves yet."""
+    if served(stack_settings) is None:
+        put(stack_settings, "iris/gate-baseline.csv", csv_bytes(TRAINING))
+    return wait_until(lambda: served(stack_settings), DEADLINE, "iris served")
 
 
 def test_a_worse_upload_is_rejected_and_the_old_version_keeps_serving(stack_settings, api):
-    served = predict(stack_settings, {"inputs": [HOLDOUT[0][:4]]}).json()["model"]["version"]
+    serving = predict(stack_settings, {"inputs": [HOLDOUT[0][:4]]}).json()["model"]["version"]
     before = {r["dag_run_id"] for r in api.dag_runs("train_iris")}
     deploys_before = {r["dag_run_id"] for r in api.dag_runs("deploy_iris")}
     labels = [row[4] for row in TRAINING]
@@ -59,21 +72,25 @@ def test_a_worse_upload_is_rejected_and_the_old_version_keeps_serving(stack_sett
         "account": "success",
     }
     # The rejected challenger is registered and tagged, never served, and nothing was redeployed.
-    rejected = mlflow_runs(stack_settings, "iris", "tags.`flywheel.decision` = 'rejected'")
-    assert rejected, "no rejected training run in MLflow"
-    reason = {t["key"]: t["value"] for t in rejected[0]["data"]["tags"]}["flywheel.reason"]
+    [rejected] = mlflow_runs(stack_settings, "iris", f"tags.`airflow.run_id` = '{run['dag_run_id']}'")
+    assert rejected["data"]["tags"]["flywheel.decision"] == "rejected"
+    reason = rejected["data"]["tags"]["flywheel.reason"]
     assert "does not beat" in reason or "fails the floor" in reason
     time.sleep(5)
     assert {r["dag_run_id"] for r in api.dag_runs("deploy_iris")} == deploys_before
-    assert predict(stack_settings, {"inputs": [HOLDOUT[0][:4]]}).json()["model"]["version"] == served
+    assert predict(stack_settings, {"inputs": [HOLDOUT[0][:4]]}).json()["model"]["version"] == serving
 
 
-def test_a_malformed_upload_is_recorded_as_rejected_in_mlflow(stack_settings):
-    rejected = mlflow_runs(stack_settings, "iris", "tags.`flywheel.status` = 'rejected'")
-    assert rejected, "the no-target upload left no rejected run in MLflow"
-    tags = {t["key"]: t["value"] for t in rejected[0]["data"]["tags"]}
-    assert "iris/no-target.csv" in tags["flywheel.reason"] and "required columns" in tags["flywheel.reason"]
-    assert rejected[0]["info"]["status"] == "FAILED"
+def test_a_malformed_upload_fails_validation_and_is_recorded_as_rejected_in_mlflow(stack_settings, api):
+    before = {r["dag_run_id"] for r in api.dag_runs("train_iris")}
+    put(stack_settings, "iris/gate-no-target.csv", csv_bytes([r[:4] for r in TRAINING], columns=IRIS_COLUMNS))
+    run = finished_run(api, "train_iris", before)
+    assert run["state"] == "failed"
+    [rejected] = mlflow_runs(stack_settings, "iris", f"tags.`airflow.run_id` = '{run['dag_run_id']}'")
+    tags = rejected["data"]["tags"]
+    assert tags["flywheel.status"] == "rejected"
+    assert "iris/gate-no-target.csv" in tags["flywheel.reason"] and "required columns" in tags["flywheel.reason"]
+    assert rejected["info"]["status"] == "FAILED"
 
 
 def test_digits_trains_a_cnn_and_serves_it(stack_settings, api):
@@ -93,7 +110,7 @@ def test_digits_trains_a_cnn_and_serves_it(stack_settings, api):
     correct = sum(str(p) == str(t) for p, t in zip(body["predictions"], y))
     assert correct >= 16, body["predictions"]
     bad = predict(stack_settings, {"inputs": [[[0.0] * 7] * 8]}, path="/digits/predict")
-    assert bad.status_code == 400
+    assert bad.status_code == 400 and "at least 8" in bad.text
 
 
 def digits_rows(n: int) -> tuple[list, list]:

@@ -1,0 +1,147 @@
+"""End to end: the doors are locked. Loopback listeners, logins, private files, least privilege, API keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import stat
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from minio.error import S3Error
+
+from flywheel import reaper, routes, stack
+from flywheel.data import minio_client
+from flywheel.settings import MLFLOW_ADMIN_USER, MLFLOW_SERVICE_USER
+
+pytestmark = pytest.mark.e2e
+
+
+def _listening_inodes() -> dict[str, str]:
+    """inode -> local address of every listening TCP socket (IPv4 and IPv6)."""
+    found = {}
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            address, port = fields[1].split(":")
+            if width == 8:
+                ip = ".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0))
+            else:
+                ip = "::1" if address == "0" * 24 + "01000000" else f"ipv6:{address}"
+            found[fields[9]] = f"{ip}:{int(port, 16)}"
+    return found
+
+
+def test_every_listener_of_the_stack_is_on_loopback(stack_settings):
+    inodes = _listening_inodes()
+    supervisord = int((stack_settings.state / "supervisord.pid").read_text())
+    url = f"unix://{stack_settings.state / 'supervisor.sock'}"
+    listeners = []
+    for proc in reaper.snapshot().values():
+        if proc.sid != supervisord and proc.server_url != url and proc.pid != supervisord:
+            continue
+        try:
+            links = [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            inode = link.removeprefix("socket:[").removesuffix("]")
+            if inode in inodes:
+                command = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+                listeners.append((inodes[inode], command))
+    print(f"\n{len(set(listeners))} listening sockets: {sorted({a for a, _ in listeners})}")
+    ports = {int(a.rsplit(":", 1)[1]) for a, _ in listeners}
+    fixed = {v for k, v in dataclasses.asdict(stack_settings.ports).items() if k != "bento_base"}
+    assert fixed <= ports, f"not seen listening: {sorted(fixed - ports)}"  # the whole stack was seen
+    exposed = sorted({(a, c) for a, c in listeners if not a.startswith(("127.0.0.1:", "::1:"))})
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+
+
+def test_mlflow_changes_nothing_without_a_login(stack_settings):
+    base = f"{stack_settings.mlflow_url}/api/2.0/mlflow"
+    anonymous = httpx.post(f"{base}/experiments/create", json={"name": "intruder"})
+    assert anonymous.status_code == 401
+    alias = {"name": "iris", "alias": "production", "version": "1"}
+    assert httpx.post(f"{base}/registered-models/alias", json=alias).status_code == 401
+    wrong = httpx.post(f"{base}/registered-models/alias", json=alias, auth=(MLFLOW_SERVICE_USER, "wrong"))
+    assert wrong.status_code == 401
+    for user, password in (
+        (MLFLOW_SERVICE_USER, stack_settings.secrets["MLFLOW_TRACKING_PASSWORD"]),
+        (MLFLOW_ADMIN_USER, stack_settings.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"]),
+    ):
+        r = httpx.post(f"{base}/experiments/search", json={"max_results": 1}, auth=(user, password))
+        assert r.status_code == 200, (user, r.text)
+
+
+def test_prometheus_cannot_be_reloaded_or_stopped_over_http(stack_settings):
+    for path in ("/-/reload", "/-/quit"):
+        r = httpx.post(f"{stack_settings.prometheus_url}{path}")
+        assert r.status_code >= 400, path
+    assert httpx.get(f"{stack_settings.prometheus_url}/-/ready").status_code == 200
+
+
+def test_the_state_folder_is_private_and_secrets_are_in_private_files(stack_settings):
+    assert stat.S_IMODE(stack_settings.state.stat().st_mode) == 0o700
+    for path in [
+        stack_settings.repo / ".env",
+        stack_settings.state / "supervisord.conf",
+        stack_settings.state / "nginx" / "api_keys.conf",
+        stack_settings.airflow_home / "passwords.json",
+        *(stack_settings.state / "supervisor" / "conf.d").glob("*.conf"),
+    ]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_no_secret_in_a_command_line_or_a_log(stack_settings):
+    secrets = [v for v in stack_settings.secrets.values() if len(v) >= 12]
+    for proc in reaper.snapshot().values():
+        try:
+            command = Path(f"/proc/{proc.pid}/cmdline").read_text(errors="replace")
+        except OSError:
+            continue
+        assert not [s for s in secrets if s in command], f"a secret in the command line of {proc.pid}"
+    for log in stack_settings.logs.rglob("*.log"):
+        text = log.read_text(errors="replace")
+        assert not [s for s in secrets if s in text], f"a secret in {log}"
+
+
+def test_the_platform_identity_reads_datasets_and_writes_only_mlflow(stack_settings):
+    ml = minio_client(stack_settings)
+    body = b"x,y\n1,2\n"
+    with pytest.raises(S3Error, match="AccessDenied"):
+        ml.put_object("datasets", "iris/by-the-platform.csv", io.BytesIO(body), len(body))
+    with pytest.raises(S3Error, match="AccessDenied"):
+        ml.make_bucket("intruder")
+    ml.put_object("mlflow", "security-check/probe", io.BytesIO(body), len(body))
+    ml.remove_object("mlflow", "security-check/probe")
+    assert isinstance(list(ml.list_objects("datasets", prefix="iris/")), list)
+    anonymous = httpx.get(f"{stack_settings.url(stack_settings.ports.minio)}/datasets/")
+    assert anonymous.status_code == 403
+
+
+def test_predict_takes_api_keys_when_configured(stack_settings):
+    key = "e2e-key-0123456789abcdef"
+    keyed = dataclasses.replace(stack_settings, api_keys=(key,))
+    conf = stack_settings.state / "nginx" / "api_keys.conf"
+    url = f"{stack_settings.predict_url}/iris/predict"
+    body = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
+    try:
+        stack.write_private(conf, stack.api_keys_conf(keyed))
+        routes.reload_nginx(stack_settings)
+        time.sleep(1)
+        denied = httpx.post(url, json=body)
+        assert denied.status_code == 401
+        assert "API key" in denied.json()["error"]
+        assert httpx.post(url, json=body, headers={"Authorization": "Bearer nope-0123456789abcdef"}).status_code == 401
+        allowed = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
+        assert allowed.status_code in (200, 503), allowed.text  # 503 only while nothing serves iris
+    finally:
+        stack.write_private(conf, stack.api_keys_conf(stack_settings))
+        routes.reload_nginx(stack_settings)
+        time.sleep(1)
+    assert httpx.post(url, json=body).status_code != 401
