@@ -45,7 +45,10 @@ def upload(settings: Settings, key: str, body: bytes) -> dict:
     """Through MinIO's published port, as any S3 client would."""
     import io
 
-    result = minio_client(settings).put_object("datasets", key, io.BytesIO(body), len(body), content_type="text/csv")
+    # As a person uploads: MinIO's root user (the platform's own identity may only read datasets).
+    result = minio_client(settings, root=True).put_object(
+        "datasets", key, io.BytesIO(body), len(body), content_type="text/csv"
+    )
     return {"key": key, "etag": result.etag, "version_id": result.version_id, "at": time.monotonic()}
 
 
@@ -121,6 +124,14 @@ def test_every_service_is_healthy_and_grafana_is_left_out(compose):
 def test_nothing_is_served_before_the_first_upload(settings):
     r = predict(settings)
     assert r.status_code == 503, r.text
+
+
+def test_prometheus_sends_to_alertmanager_and_mlflow_wants_a_login(settings):
+    r = httpx.get(f"{settings.prometheus_url}/api/v1/alertmanagers", timeout=10)
+    active = [a["url"] for a in r.json()["data"]["activeAlertmanagers"]]
+    assert any("alertmanager:9093" in url for url in active), active
+    r = httpx.get(f"{settings.mlflow_url}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=10)
+    assert r.status_code == 401, r.status_code
 
 
 # --- upload -> served ---------------------------------------------------------------------------------

@@ -131,6 +131,7 @@ def test_lineage_walks_from_the_answer_back_to_the_upload(stack_settings):
 
 
 def test_a_rejected_upload_alerts_the_webhook_and_status_says_why(stack_settings, alert_inbox):
+    started = time.monotonic()
     bad = put(stack_settings, "iris/ops-no-target.csv", csv_bytes([r[:4] for r in TRAINING], columns=IRIS_COLUMNS))
     alert = wait_until(
         lambda: [
@@ -141,6 +142,7 @@ def test_a_rejected_upload_alerts_the_webhook_and_status_says_why(stack_settings
         DEADLINE,
         "the rejection's alert at the webhook",
     )[0]
+    print(f"\na rejected upload's alert reached the webhook {time.monotonic() - started:.1f}s after the upload")
     assert alert["labels"]["pipeline"] == "iris" and "required columns" in alert["summary"]
     assert [a for a in alerts.recent(stack_settings) if a["summary"] == alert["summary"]], "kept in the state folder"
     pipeline = pipelines.get(stack_settings.pipelines_dir, "iris")
@@ -163,6 +165,7 @@ def test_a_rejected_upload_alerts_the_webhook_and_status_says_why(stack_settings
 
 def test_an_error_ratio_over_5_percent_fires_an_alert_at_the_webhook(stack_settings, alert_inbox):
     url = f"{stack_settings.predict_url}/iris/predict"
+    started = time.monotonic()
     load = loadgen.start(url, {"inputs": []}, connections=2, seconds=180)  # every request a 400
     try:
         fired = wait_until(
@@ -176,5 +179,7 @@ def test_an_error_ratio_over_5_percent_fires_an_alert_at_the_webhook(stack_setti
     finally:
         load.kill()
         load.communicate()
+    # The rule's `for: 1m`, Prometheus' 15 s evaluation, Alertmanager's group_wait.
+    print(f"\nFlywheelHighErrorRate reached the webhook {time.monotonic() - started:.1f}s after the errors began")
     assert fired["labels"]["pipeline"] == "iris" and "5%" in fired["summary"]
     assert [a for a in alerts.firing(stack_settings) if a["name"] == "FlywheelHighErrorRate"]
