@@ -16,6 +16,7 @@ from minio.error import S3Error
 from flywheel import reaper, routes, stack
 from flywheel.data import minio_client
 from flywheel.settings import MLFLOW_ADMIN_USER, MLFLOW_SERVICE_USER
+from tests.e2e.stack_ops import DEADLINE, TRAINING, csv_bytes, put, served, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -92,6 +93,7 @@ def test_the_state_folder_is_private_and_secrets_are_in_private_files(stack_sett
         stack_settings.state / "supervisord.conf",
         stack_settings.state / "nginx" / "api_keys.conf",
         stack_settings.airflow_home / "passwords.json",
+        stack_settings.state / "alertmanager" / "alertmanager.yml",  # the bridge's token
         *(stack_settings.state / "supervisor" / "conf.d").glob("*.conf"),
     ]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
@@ -108,6 +110,26 @@ def test_no_secret_in_a_command_line_or_a_log(stack_settings):
     for log in stack_settings.logs.rglob("*.log"):
         text = log.read_text(errors="replace")
         assert not [s for s in secrets if s in text], f"a secret in {log}"
+
+
+def test_a_bento_server_gets_no_secret(stack_settings):
+    if served(stack_settings) is None:
+        put(stack_settings, "iris/security-baseline.csv", csv_bytes(TRAINING))
+        wait_until(lambda: served(stack_settings), DEADLINE, "iris served")
+    secrets = [v for v in stack_settings.secrets.values() if len(v) >= 12]
+    names = {"MINIO_ROOT_PASSWORD", "FLYWHEEL_ML_SECRET_KEY", "MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"}
+    bentos = 0
+    for proc in reaper.snapshot().values():
+        try:
+            if b"bentoml" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+                continue
+            environ = Path(f"/proc/{proc.pid}/environ").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        bentos += 1
+        assert not [s for s in secrets if any(s in entry for entry in environ)], f"a secret in bento {proc.pid}"
+        assert not names & {entry.split("=", 1)[0] for entry in environ}, proc.pid
+    assert bentos >= 2, "no Bento server seen"  # iris' two replicas at least
 
 
 def test_the_platform_identity_reads_datasets_and_writes_only_mlflow(stack_settings):
