@@ -37,6 +37,12 @@ def decide(
         return Decision(True, f"challenger {metric} {challenger:.4f} clears the floor and there is no production model")
     target = champion + margin if higher_is_better else champion - margin
     wins = challenger >= target if higher_is_better else challenger <= target
+    if wins and challenger == target:
+        return Decision(
+            True,
+            f"challenger {metric} {challenger:.4f} ties production {champion:.4f} + margin {margin} "
+            f"(needs {better} {target:.4f}): the newer data wins a tie",
+        )
     verdict = "beats" if wins else "does not beat"
     return Decision(
         wins,

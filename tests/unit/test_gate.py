@@ -47,3 +47,8 @@ def test_nan_challenger_is_never_promoted():
 
 def test_unscorable_production_counts_as_none():
     assert decide("accuracy", 0.9, math.nan, floor=0.8).promote
+
+
+def test_a_tie_says_so():
+    reason = decide("accuracy", 0.9706, 0.9706, floor=0.8).reason
+    assert "ties production" in reason and "newer data" in reason and "beats" not in reason
