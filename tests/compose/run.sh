@@ -76,7 +76,8 @@ standins_started=$(date +%s)
 "$PYTHON" tests/compose/standins.py --profile celery
 say "base images ready in $(since "$standins_started")"
 
-# The builds trust what this host trusts: here a local CA re-signs HTTPS (../shared/FINDINGS.md).
+# The builds trust what this host trusts: on the machines CI runs on, a local CA re-signs HTTPS, and
+# pip, uv and Go in the builds refused every download until they were given its certificate.
 files=(-f docker-compose.yml)
 if [ -z "${FLYWHEEL_CA_CERTIFICATES:-}" ] && [ -s /etc/ssl/certs/ca-certificates.crt ]; then
     export FLYWHEEL_CA_CERTIFICATES=/etc/ssl/certs/ca-certificates.crt
