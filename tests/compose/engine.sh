@@ -5,12 +5,12 @@
 #                         exec-root, pid file, socket); print the DOCKER_HOST that reaches it
 #   engine.sh stop DIR    stop it and undo what it changed on the host
 #
-# The engine changes the host in ways it does not undo itself (seen on this machine by diffing the host
-# before a start and after a stop): it creates the docker0 bridge, adds iptables chains and rules to the filter and nat tables (and sets
-# FORWARD's policy to DROP), turns on ip_forward, and leaves folders in /run. `start` records the host
-# as it was in DIR/host; `stop` removes exactly what was added since, so whatever else the host runs
-# (another engine, someone's own rules) is left alone. Images and build caches stay in DIR/data, so
-# the next run starts warm.
+# The engine changes the host in ways it does not undo itself (seen on this machine by diffing the
+# host before a start and after a stop): it creates the docker0 bridge, adds iptables chains and
+# rules to the filter and nat tables (and sets FORWARD's policy to DROP), turns on ip_forward, and
+# leaves folders in /run. `start` records the host as it was in DIR/host; `stop` removes exactly
+# what was added since, so whatever else the host runs (another engine, someone's own rules) is left
+# alone. Images and build caches stay in DIR/data, so the next run starts warm.
 set -euo pipefail
 
 # Container networks stay inside one private /16 that nothing else here uses.
