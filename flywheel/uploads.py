@@ -92,14 +92,19 @@ def newest(settings: Settings, pipeline: Pipeline) -> dict | None:
     if best is None:
         return None
     stat = client.stat_object(settings.datasets_bucket, best.object_name)  # its current version's id
+    return _upload(settings, pipeline, stat, event_time=best.last_modified)  # the listing's, to the millisecond
+
+
+def _upload(settings: Settings, pipeline: Pipeline, obj, event_time) -> dict:
+    """An upload as the plan step and the asset events describe it, from a MinIO object or its stat."""
     return {
         "pipeline": pipeline.name,
         "bucket": settings.datasets_bucket,
-        "key": best.object_name,
-        "etag": (stat.etag or "").strip('"'),
-        "version_id": stat.version_id or "",
-        "size": stat.size,
-        "event_time": best.last_modified.isoformat(),  # the listing's, to the millisecond
+        "key": obj.object_name,
+        "etag": (obj.etag or "").strip('"'),
+        "version_id": obj.version_id or "",
+        "size": obj.size,
+        "event_time": event_time.isoformat(),
     }
 
 
@@ -126,15 +131,7 @@ def chosen(settings: Settings, pipeline: Pipeline, ref: str) -> dict:
             raise LookupError(
                 f"{obj.object_name} does not start a {pipeline.name} run (an IDX set trains from its _SUCCESS marker)"
             )
-        return {
-            "pipeline": pipeline.name,
-            "bucket": settings.datasets_bucket,
-            "key": obj.object_name,
-            "etag": (obj.etag or "").strip('"'),
-            "version_id": obj.version_id or "",
-            "size": obj.size,
-            "event_time": obj.last_modified.isoformat(),
-        }
+        return _upload(settings, pipeline, obj, event_time=obj.last_modified)
     raise LookupError(f"no upload under datasets/{pipeline.dataset_prefix} has the key or version id {ref!r}")
 
 

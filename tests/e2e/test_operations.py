@@ -101,6 +101,17 @@ def test_a_bad_parameter_fails_the_run_at_once_with_the_reason(stack_settings, a
 
 
 def test_lineage_walks_from_the_answer_back_to_the_upload(stack_settings):
+    # The hand-triggered runs above may have promoted a version still on its way out: ask once
+    # production serves, or the answer's version is retired before its lineage is read.
+    with MlflowAPI.connect(stack_settings) as mlflow:
+        wait_until(
+            lambda: (
+                (b := served(stack_settings))
+                and str(b["model"]["version"]) == str(mlflow.version_by_alias("iris", "production"))
+            ),
+            DEADLINE,
+            "production served",
+        )
     request_id = f"lineage-{time.time_ns()}"
     answer = httpx.post(
         f"{stack_settings.predict_url}/iris/predict", json={"inputs": [ROW]}, headers={"X-Request-Id": request_id}
