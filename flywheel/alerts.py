@@ -16,12 +16,11 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import httpx
 
-from flywheel.settings import Settings
+from flywheel.settings import Settings, write_private
 
 log = logging.getLogger(__name__)
 RECENT = datetime.timedelta(hours=24)
@@ -75,9 +74,7 @@ def record(settings: Settings, alerts: list[dict]) -> list[Path]:
     for a in alerts:
         digest = hashlib.sha256(json.dumps(a, sort_keys=True).encode()).hexdigest()[:10]
         path = target / f"{a['at'][:19].replace(':', '')}-{a['source']}-{digest}.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(a, f, indent=1)
+        write_private(path, json.dumps(a, indent=1))
         paths.append(path)
     return paths
 

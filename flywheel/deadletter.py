@@ -11,10 +11,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 from pathlib import Path
 
-from flywheel.settings import Settings
+from flywheel.settings import Settings, write_private
 
 
 def folder(settings: Settings) -> Path:
@@ -31,11 +30,7 @@ def write(settings: Settings, reason: str, upload: dict, record: dict | None = N
     if any(target.glob(f"*-{path.name.split('-', 1)[1]}")):
         return path
     letter = {"received_at": received.isoformat(), "reason": reason, "upload": upload, "record": record}
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(letter, f, indent=1)
-    tmp.rename(path)
+    write_private(path, json.dumps(letter, indent=1))
     return path
 
 

@@ -233,6 +233,16 @@ class Settings:
         }
 
 
+def write_private(path: Path, text: str) -> None:
+    """A file only its owner reads: whatever holds a secret (a password, a token, an API key)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)  # an older file of that name may have had another mode
+    tmp.rename(path)
+
+
 if __name__ == "__main__":
     # `python3 -m flywheel.settings`: create or complete `.env` (stdlib only, so it runs before any install).
     created = ensure_env_file(REPO_ROOT / ".env")

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from flywheel import routes, topology
-from flywheel.settings import Settings
+from flywheel.settings import Settings, write_private
 
 NGINX_DIR = "nginx"
 
@@ -135,16 +135,6 @@ def prometheus_conf(settings: Settings) -> str:
         .replace("@BRIDGE@", f"{settings.host_of(settings.ports.bridge)}:{settings.ports.bridge}")
         .replace("@RULES@", str(settings.repo / "services" / "prometheus" / "rules.yml"))
     )
-
-
-def write_private(path: Path, text: str) -> None:
-    """A file only its owner reads: whatever holds a secret (a password, a token, an API key)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o600)  # an older file of that name may have had another mode
-    tmp.rename(path)
 
 
 def api_keys_conf(settings: Settings) -> str:
