@@ -61,10 +61,11 @@ down:
 status:
 	$(FLYWHEEL) status
 
-# ruff, configured in pyproject.toml: lint and formatting both must be clean.
+# ruff and import-linter, configured in pyproject.toml: lint, formatting and the layer contracts.
 lint: $(PLATFORM)/.installed
 	$(PLATFORM)/bin/ruff check .
 	$(PLATFORM)/bin/ruff format --check .
+	$(PLATFORM)/bin/lint-imports
 
 test: install lint
 	$(ML)/bin/python -m pytest tests/ml

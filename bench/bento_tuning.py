@@ -25,8 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flywheel import deploy, loadgen, stack
-from flywheel.settings import Settings
+from flywheel.clients import load as loadgen
+from flywheel.core.settings import Settings
+from flywheel.platform import deployments, stack
 
 BENCH = Path(__file__).resolve().parent
 BODY = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8)
     args = parser.parse_args()
     settings = Settings.load()
-    live = deploy.current(settings, "iris")
+    live = deployments.current(settings, "iris")
     port = free_port()
     url = f"{settings.url(port)}/predict"
     rows = []

@@ -32,8 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from flywheel import cli, deploy, loadgen, reaper, routes, stack, topology
-from flywheel.settings import Settings
+from flywheel.clients import load as loadgen
+from flywheel.clients.api import Client
+from flywheel.core.settings import Settings
+from flywheel.platform import deployments, reaper, routes, stack, supervisor, topology
+from flywheel.training import samples
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -49,14 +52,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ensure_deployed(settings: Settings, pipeline: str, body: dict) -> deploy.Deployment:
-    if deploy.current(settings, pipeline) is None:
+def ensure_deployed(settings: Settings, pipeline: str, body: dict) -> deployments.Deployment:
+    if deployments.current(settings, pipeline) is None:
         suffix = {"iris": ".csv", "mnist": ""}[pipeline]
-        sample = cli.make_sample(settings, pipeline, settings.state / "samples" / f"{pipeline}{suffix}")
-        cli.upload(settings, sample, pipeline)
-        cli.wait_for_new_version(settings, pipeline, body["inputs"][0], None)
+        sample = samples.make(settings, pipeline, settings.state / "samples" / f"{pipeline}{suffix}")
+        with Client(settings) as client:
+            client.upload(sample, pipeline)
+            client.wait_for_version(pipeline, body["inputs"][0], None)
         time.sleep(5)
-    return deploy.current(settings, pipeline)
+    return deployments.current(settings, pipeline)
 
 
 def measure(url: str, body: dict, connections: int, seconds: float, cpu: int | None) -> dict:
@@ -173,11 +177,11 @@ http {{
     return proc, port
 
 
-def cores_of(settings: Settings, d: deploy.Deployment) -> list[str]:
+def cores_of(settings: Settings, d: deployments.Deployment) -> list[str]:
     """Each replica's worker: the CPUs it may run on and the one it ran on last."""
     seen = []
     for name in d.programs:
-        pid = stack.supervisor(settings).getProcessInfo(name)["pid"]
+        pid = supervisor.rpc(settings).getProcessInfo(name)["pid"]
         for child in [pid, *(p.pid for p in reaper.snapshot().values() if p.ppid == pid)]:
             stat = Path(f"/proc/{child}/stat").read_text()
             last = stat[stat.rindex(")") + 2 :].split()[36]

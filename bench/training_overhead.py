@@ -5,10 +5,10 @@ Run: .venv/ml/bin/python bench/training_overhead.py [--rows 1000000] [--runs 3]
 
 Side by side in one run, median of runs:
   direct    xgb.train on an in-memory DMatrix of the same training rows (same parameters, one thread)
-  platform  flywheel.train.run: fetch the Parquet version from MinIO, validate, hash split, fit,
+  platform  flywheel.training.train.run: fetch the Parquet version from MinIO, validate, hash split, fit,
             score, log params/metrics/dataset/model to the stack's MLflow server, register, gate
             (in-process: no imports)
-  step      `python -m flywheel.train` as Airflow runs it (adds interpreter start and imports)
+  step      `python -m flywheel.training.train` as Airflow runs it (adds interpreter start and imports)
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 os.environ.setdefault("FLYWHEEL_PIPELINES_DIR", str(BENCH / "pipelines"))
 
-from flywheel import data, pipelines, train  # noqa: E402
-from flywheel.settings import Settings  # noqa: E402
+from flywheel import frameworks  # noqa: E402
+from flywheel.clients import objectstore  # noqa: E402
+from flywheel.core import pipelines  # noqa: E402
+from flywheel.core.settings import Settings  # noqa: E402
+from flywheel.core.steps import StepSpec  # noqa: E402
+from flywheel.core.upload import Upload  # noqa: E402
+from flywheel.training import train  # noqa: E402
 
 
 def synthetic(rows: int, seed: int = 0):
@@ -47,9 +52,7 @@ def direct(pipeline, frame) -> float:
     """xgb.train alone, on the very rows the platform trains on (its holdout left out, untimed)."""
     import xgboost as xgb
 
-    from flywheel.frameworks.xgboost import _params
-
-    params, rounds = _params(pipeline, 0)
+    params, rounds = frameworks.get("xgboost").booster_params(pipeline, 0)
     x, y = frame[list(pipeline.features)].to_numpy(), frame["y"].to_numpy()
     keep = ~train.holdout_mask(x, y, pipeline.holdout_fraction, pipeline.seed)
     x, y = x[keep], y[keep]
@@ -60,8 +63,9 @@ def direct(pipeline, frame) -> float:
 
 
 def cnn_epoch_seconds(epochs: int = 10) -> float:
-    from flywheel import samples
-    from flywheel.frameworks import tensorflow as tf_framework
+    from flywheel.training import samples
+
+    tf_framework = frameworks.get("tensorflow")
 
     digits = pipelines.get(Path(__file__).resolve().parent.parent / "pipelines", "digits")
     x, y = samples.digits()
@@ -88,28 +92,21 @@ def main() -> None:
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     body = buffer.getvalue()
-    client = data.minio_client(settings, root=True)  # the upload, as a person makes it
+    client = objectstore.client(settings, root=True)  # the upload, as a person makes it
     os.environ.update(settings.client_env())  # the in-process run logs to the stack's MLflow server, as the step does
     put = client.put_object("datasets", "synthetic/bench.parquet", io.BytesIO(body), len(body))
-    ref = data.DatasetRef("datasets", "synthetic/bench.parquet", put.etag, put.version_id or "")
+    upload = Upload("synthetic", "datasets", "synthetic/bench.parquet", put.etag, put.version_id or "")
     env = {**os.environ, **settings.client_env()}
     results = {"direct": [], "platform": [], "step": []}
     for run in range(args.runs):
         results["direct"].append(direct(pipeline, frame))
         started = time.perf_counter()
-        train.run(settings, pipeline, ref)
+        train.run(settings, pipeline, upload)
         results["platform"].append(time.perf_counter() - started)
         started = time.perf_counter()
+        spec = StepSpec("flywheel.training.train", {"pipeline": "synthetic", "upload": upload.to_dict()})
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flywheel.train",
-                "--pipeline",
-                "synthetic",
-                "--dataset",
-                json.dumps({"bucket": ref.bucket, "key": ref.key, "etag": ref.etag, "version_id": ref.version_id}),
-            ],
+            spec.command(str(settings.state / "bench-step-result.json"), sys.executable),
             env=env,
             check=True,
             stdout=subprocess.DEVNULL,

@@ -12,8 +12,9 @@ import statistics
 import time
 from pathlib import Path
 
-from flywheel import cli
-from flywheel.settings import Settings
+from flywheel.clients.api import Client
+from flywheel.core.settings import Settings
+from flywheel.training import samples
 
 ROW = [5.1, 3.5, 1.4, 0.2]
 
@@ -44,12 +45,13 @@ def main() -> None:
     settings = Settings.load()
     sample = settings.state / "samples" / "bench-iris.csv"
     times = []
+    client = Client(settings)
     for i in range(args.runs):
-        cli.make_sample(settings, "iris", sample, seed=1000 + i)
-        before = cli.served_version(settings, "iris", ROW)
+        samples.make(settings, "iris", sample, seed=1000 + i)
+        before = client.served_version("iris", ROW)
         started = time.monotonic()
-        cli.upload(settings, sample, "iris", f"bench-{int(time.time())}-{i}.csv")
-        version = cli.wait_for_new_version(settings, "iris", ROW, before, progress=lambda _: None)
+        client.upload(sample, "iris", f"bench-{int(time.time())}-{i}.csv")
+        version = client.wait_for_version("iris", ROW, before)
         times.append(time.monotonic() - started)
         print(f"run {i + 1}: v{before} -> v{version} in {times[-1]:.1f}s", flush=True)
     memory, processes = stack_memory_mib(settings)

@@ -1,9 +1,14 @@
-"""BentoML service serving the one Keras image classifier named in the flywheel_model.json beside it."""
+"""BentoML service for image classifiers: the one model version named in the flywheel_model.json beside it.
+
+Images come as rows of pixels or flat lists; the framework plugin named in flywheel_model.json
+(flywheel.frameworks) loads the stored model and classifies a batch.
+"""
 
 import asyncio
 import gc
 import os
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
@@ -11,6 +16,8 @@ import bentoml
 import numpy as np
 from provenance import MAX_INPUTS, MODEL, JSONAnswer, answer  # beside this file in every build folder
 from pydantic import AllowInfNan, Discriminator, Field, RootModel, Strict, Tag
+
+from flywheel import frameworks
 
 HEIGHT, WIDTH = (int(s) for s in MODEL["image_shape"])
 MAX_VALUE = float(MODEL["max_value"])
@@ -119,44 +126,25 @@ class Batcher:
 
 
 @bentoml.service(
-    # provenance.py cancels the timeout middleware's per-request timer (see service.py).
+    # provenance.py cancels the timeout middleware's per-request timer (see table_service.py).
     traffic={"timeout": 5},
     # Replicas behind Nginx least_conn, one per core, balance better than workers inside one server.
     workers=1,
     logging={"access": {"enabled": False}},
-    tracing={"excluded_urls": ".*"},  # no traces are exported: see service.py
+    tracing={"excluded_urls": ".*"},  # no traces are exported: see table_service.py
 )
 class ImagePredictor:
     bento_model = bentoml.models.BentoModel(MODEL["model_tag"])
 
     def __init__(self) -> None:
-        # Here, not at module level: the build imports this module too, and TensorFlow's import
-        # alone takes 10+ s.
-        import tensorflow as tf
-
-        # Two cores are shared by both colours and everything else: one thread per op, one op at
-        # a time, and concurrency comes from batching instead.
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-        import keras
-
-        # flywheel.build stores the Keras file under this name (see KERAS_FILE there).
-        self.model = keras.saving.load_model(self.bento_model.path_of("model.keras"), compile=False)
-        # One traced graph for any batch size: a plain model call re-runs Python layer code each time.
-        self.forward = tf.function(
-            lambda x: self.model(x, training=False),
-            input_signature=[tf.TensorSpec((None, HEIGHT, WIDTH), tf.float32)],
-        )
-        # Trace and warm the graph so the first request does not pay for it.
-        self._classify(np.zeros((1, HEIGHT, WIDTH), dtype=np.float32))
-        self.batcher = Batcher(self._classify, MAX_BATCH_SIZE)
+        # Loaded here, not at import: the build imports this module too, and TensorFlow's import
+        # alone takes 10+ s. The plugin traces and warms the model.
+        self.model = frameworks.get(MODEL["framework"]).serve(Path(self.bento_model.path), MODEL)
+        self.batcher = Batcher(self.model.predict, MAX_BATCH_SIZE)
         # Everything loaded so far lives as long as the process: freezing it keeps it out of
         # every later full collection, whose pauses set the p99.
         gc.collect()
         gc.freeze()
-
-    def _classify(self, images: np.ndarray) -> np.ndarray:
-        return self.forward(images).numpy().argmax(axis=1).astype(np.int64)
 
     @bentoml.api
     async def predict(self, inputs: Inputs, ctx: bentoml.Context) -> JSONAnswer:
@@ -165,7 +153,7 @@ class ImagePredictor:
         if BATCHING:
             indices, in_pass = await self.batcher(batch)
         else:
-            indices, in_pass = await anyio.to_thread.run_sync(self._classify, batch), len(batch)
+            indices, in_pass = await anyio.to_thread.run_sync(self.model.predict, batch), len(batch)
         predictions = [CLASSES[int(i)] for i in np.asarray(indices).reshape(-1)]
         # The request log says how many images shared this request's forward pass.
         return answer(ctx, predictions, started, time.perf_counter(), images=len(inputs), forward_pass=in_pass)

@@ -1,18 +1,17 @@
 """Flywheel's DAGs: two per pipeline declared in `pipelines/*.yaml`.
 
 train_<pipeline> runs whenever MinIO reports a new object under `datasets/<pipeline>/` (the events
-bridge turns the bucket notification into an event on the dataset asset). It validates the upload,
-trains and registers a challenger in MLflow, and emits the production-model asset only when the
-challenger is promoted. deploy_<pipeline> runs on that event: it builds a Bento from exactly that
+bridge turns the bucket notification into an event on the dataset asset), or by hand. It plans what
+to train on, validates the upload, trains and gates a challenger in MLflow, and emits the
+production-model asset only when the challenger is promoted; `account` records every upload the run
+saw, whatever happened. deploy_<pipeline> runs on that event: it builds a Bento from exactly that
 registered version and rolls it out blue/green behind Nginx, emitting the deployment asset.
 
 Asset view:  s3://datasets/<p>  ->  train_<p>  ->  model://<p>/production  ->  deploy_<p>  ->  deployment://<p>/production
 
-Where the ML steps run is FLYWHEEL_RUNNER's choice (flywheel/runner.py): `local`, a subprocess in
-the ML venv (embedded mode); `docker`, a DockerOperator with the trainer image; `kubernetes`, a
-KubernetesPodOperator. The same step spec feeds all three.
-
-Parsing stays cheap: only YAML is read here; the work is in `flywheel.tasks`, imported when a task runs.
+The ML steps (validate, train, build) run where FLYWHEEL_RUNNER says (flywheel/orchestration/runner.py):
+the same tasks, states and callbacks with any backend. Parsing stays cheap: only YAML is read here;
+the work is in flywheel.orchestration.tasks, imported when a task runs.
 """
 
 from __future__ import annotations
@@ -22,15 +21,15 @@ import logging
 
 from airflow.sdk import DAG, Asset, Param, task
 
-from flywheel import pipelines, runner
-from flywheel.settings import Settings
+from flywheel.core import pipelines
+from flywheel.core.settings import Settings
 
 START = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
 
 def alert_on_failure(context) -> None:
-    """A task that failed for good (a rejected dataset, a failed deploy) raises an alert (flywheel/alerts.py)."""
-    from flywheel import alerts
+    """A task that failed for good (a rejected dataset, a failed deploy) raises an alert."""
+    from flywheel.operations import alerts
 
     alerts.task_failed(context)
 
@@ -41,19 +40,18 @@ DEFAULT_ARGS = {
     "retry_delay": datetime.timedelta(seconds=5),
     "on_failure_callback": alert_on_failure,
 }
-SETTINGS = Settings.load()
-RUNNER = runner.backend()
-PLANNED = "ti.xcom_pull(task_ids='plan')"
 
 
-def ml_step(task_id: str, module: str, *args: str):
-    """A step in the trainer image (docker/kubernetes backends); args may pull XCom through Jinja."""
-    return runner.operator(RUNNER, runner.step(module, *args), SETTINGS, task_id)
+def assets(p: pipelines.Pipeline) -> tuple[Asset, Asset, Asset]:
+    return (
+        Asset(uri=p.dataset_uri, name=f"{p.name}_dataset"),
+        Asset(uri=p.model_uri, name=f"{p.name}_production_model"),
+        Asset(uri=p.deployment_uri, name=f"{p.name}_deployment"),
+    )
 
 
 def train_dag(p: pipelines.Pipeline) -> DAG:
-    dataset = Asset(uri=p.dataset_uri, name=f"{p.name}_dataset")
-    production_model = Asset(uri=p.model_uri, name=f"{p.name}_production_model")
+    dataset, production_model, _ = assets(p)
     with DAG(
         dag_id=f"train_{p.name}",
         schedule=[dataset],
@@ -61,7 +59,7 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
         catchup=False,
         default_args=DEFAULT_ARGS,
         # One at a time: `plan` trains on the newest upload in MinIO, so uploads arriving mid-run are
-        # trained by the next run, and `account` records each one (flywheel/uploads.py).
+        # trained by the next run, and `account` records each one (flywheel/training/ledger.py).
         max_active_runs=1,
         tags=["flywheel", "train", p.name],
         doc_md=f"Retrain **{p.name}** ({p.framework}, {p.task}) on the newest upload to `{p.dataset_uri}/`, "
@@ -78,33 +76,28 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
 
         @task(task_id="plan")
         def plan_training(*, triggering_asset_events=None, run_id=None, dag_run=None, params=None) -> dict:
-            from flywheel import tasks
+            from flywheel.orchestration import tasks
 
             return tasks.plan(p.name, run_id, triggering_asset_events, dag_run, params)
 
         @task
         def validate(planned: dict, *, run_id=None) -> dict:
-            from flywheel import tasks
+            from flywheel.orchestration import tasks
 
             return tasks.validate(p.name, planned, run_id)
 
         @task
-        def train(validated: dict, *, ti=None, run_id=None) -> dict:
-            from flywheel import tasks
+        def train(planned: dict, *, run_id=None) -> dict:
+            from flywheel.orchestration import tasks
 
-            return tasks.train(p.name, validated, ti.xcom_pull(task_ids="plan"), run_id)
-
-        @task.short_circuit(ignore_downstream_trigger_rules=False)
-        def should_train(planned: dict) -> bool:
-            return not planned["skip"]
+            return tasks.train(p.name, planned, run_id)
 
         @task(outlets=[production_model])
-        def publish(trained, *, outlet_events=None, run_id=None) -> dict:
+        def publish(trained: dict, *, outlet_events=None, run_id=None) -> dict:
             from airflow.sdk.exceptions import AirflowSkipException
 
-            from flywheel import tasks
+            from flywheel.orchestration import tasks
 
-            trained = runner.result(trained)
             if not trained["promoted"]:
                 # No production event: nothing downstream is redeployed.
                 raise AirflowSkipException(f"v{trained['version']} not promoted: {trained['reason']}")
@@ -114,47 +107,21 @@ def train_dag(p: pipelines.Pipeline) -> DAG:
 
         # Whatever happened after the plan, every upload this run saw is recorded in MLflow. A teardown:
         # it runs once the others are done, and their outcome, not its own, is the run's.
-        @task(retries=4)
-        def account(*, ti=None, run_id=None) -> dict:
-            from flywheel import tasks
+        @task(retries=4, inlets=[dataset])
+        def account(*, ti=None, run_id=None, inlet_events=None) -> dict:
+            from flywheel.orchestration import tasks
 
-            return tasks.account(p.name, run_id, ti.xcom_pull(task_ids="plan"))
+            return tasks.account(p.name, run_id, ti.xcom_pull(task_ids="plan"), inlet_events, dataset)
 
         planned = plan_training()
-        if RUNNER == "local":
-            published = publish(train(validate(planned)))
-        else:
-            checked = ml_step(
-                "validate",
-                "validate",
-                "--pipeline",
-                p.name,
-                "--dataset",
-                f"{{{{ {PLANNED}['dataset'] | tojson }}}}",
-                "--airflow-run",
-                "{{ run_id }}",
-            )
-            trained = ml_step(
-                "train",
-                "train",
-                "--pipeline",
-                p.name,
-                "--dataset",
-                f"{{{{ {PLANNED}['dataset'] | tojson }}}}",
-                "--trigger",
-                f"{{{{ {PLANNED}['trigger'] | tojson }}}}",
-                "--airflow-run",
-                "{{ run_id }}",
-            )
-            should_train(planned) >> checked >> trained
-            published = publish(trained.output)
-        published >> account().as_teardown(setups=planned)
+        trained = train(planned)
+        validate(planned) >> trained
+        publish(trained) >> account().as_teardown(setups=planned)
     return dag
 
 
 def deploy_dag(p: pipelines.Pipeline) -> DAG:
-    production_model = Asset(uri=p.model_uri, name=f"{p.name}_production_model")
-    deployment = Asset(uri=p.deployment_uri, name=f"{p.name}_deployment")
+    _, production_model, deployment = assets(p)
     with DAG(
         dag_id=f"deploy_{p.name}",
         schedule=[production_model],
@@ -168,30 +135,19 @@ def deploy_dag(p: pipelines.Pipeline) -> DAG:
 
         @task
         def build(*, triggering_asset_events=None) -> dict:
-            from flywheel import tasks
+            from flywheel.orchestration import tasks
 
             return tasks.build(p.name, tasks.newest_production(triggering_asset_events))
 
-        @task(task_id="plan")
-        def plan_deploy(*, triggering_asset_events=None) -> dict:
-            from flywheel import tasks
-
-            return tasks.newest_production(triggering_asset_events)
-
         @task(outlets=[deployment])
-        def rollout(built, *, outlet_events=None) -> dict:
-            from flywheel import tasks
+        def rollout(built: dict, *, outlet_events=None) -> dict:
+            from flywheel.orchestration import tasks
 
-            extra = tasks.rollout(p.name, runner.result(built))
+            extra = tasks.rollout(p.name, built)
             outlet_events[deployment].extra = extra
             return extra
 
-        if RUNNER == "local":
-            rollout(build())
-        else:
-            built = ml_step("build", "build", "--pipeline", p.name, "--version", f"{{{{ {PLANNED}['version'] }}}}")
-            plan_deploy() >> built
-            rollout(built.output)
+        rollout(build())
     return dag
 
 

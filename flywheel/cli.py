@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from flywheel import stack
-from flywheel.settings import Settings
+from flywheel.clients.airflow_rest import AirflowAPI, AirflowRejected
+from flywheel.clients.api import Client
+from flywheel.clients.mlflow_rest import MlflowAPI
+from flywheel.core import pipelines, schema
+from flywheel.core.settings import AIRFLOW_CLI, Settings
+from flywheel.core.waiting import WaitTimeout, wait_until
+from flywheel.operations import alerts, deadletter, lineage, metrics, status
+from flywheel.operations.rollback import RollbackImpossible, rollback
+from flywheel.platform import stack
+from flywheel.serving import rollout
+from flywheel.training import samples
 
 
 def _say(message: str) -> None:
@@ -42,16 +48,12 @@ def cmd_status(settings: Settings, args) -> int:
     for r in rows:
         healthy = {True: "yes", False: "NO", None: "-"}[r["healthy"]]
         print(f"{r['name']:<24} {r['state']:<9} {r['pid']:>7}  {healthy:<8} {r['endpoint'] or ''}")
-    from flywheel import overview, pipelines, serving_metrics
-    from flywheel.airflow_api import AirflowAPI
-    from flywheel.mlflow_api import MlflowAPI
-
-    stats = serving_metrics.by_pipeline(settings)
-    with MlflowAPI.connect(settings) as mlflow, AirflowAPI.connect(settings) as airflow:
+    stats = metrics.by_pipeline(settings)
+    with MlflowAPI.connect(settings) as mlflow, AirflowAPI.connect(settings, AIRFLOW_CLI) as airflow:
         for p in pipelines.load_all(settings.pipelines_dir)[0]:
             print()
             try:
-                print(overview.render(overview.pipeline_status(settings, p, mlflow, airflow)))
+                print(status.render(status.pipeline_status(settings, p, mlflow, airflow)))
             except Exception as exc:  # one pipeline's trouble does not hide the others
                 print(f"{p.name}: could not read its state: {exc}")
             m = stats.get(p.name, {})
@@ -59,8 +61,6 @@ def cmd_status(settings: Settings, args) -> int:
                 f"  traffic       {_fmt(m.get('rps'), '.1f')} req/s, errors {_fmt(m.get('error_rate'), '.1%')}, "
                 f"p99 {_fmt(m.get('p99_ms'), '.1f')} ms"
             )
-    from flywheel import deadletter
-
     known = {p.name for p in pipelines.load_all(settings.pipelines_dir)[0]}
     unowned = [d for d in deadletter.read_all(settings) if d["upload"].get("pipeline") not in known]
     print(f"\ndead-lettered uploads outside any pipeline: {len(unowned)}")
@@ -83,15 +83,12 @@ def _value(text: str):
 
 def cmd_train(settings: Settings, args) -> int:
     """Trigger train_<p> by hand: the same validation and gate, with the chosen data and parameters."""
-    from flywheel.airflow_api import AirflowAPI, AirflowRejected
-    from flywheel.mlflow_api import MlflowAPI
-
     params = json.loads(args.params) if args.params else {}  # Airflow checks its type against the DAG's params
     for pair in args.param or []:
         name, _, value = pair.partition("=")
         params[name] = _value(value)
     conf = {"dataset": args.dataset or "", "params": params, "note": args.note or ""}
-    with AirflowAPI.connect(settings) as api:
+    with AirflowAPI.connect(settings, AIRFLOW_CLI) as api:
         try:
             run = api.trigger(f"train_{args.pipeline}", conf)
         except AirflowRejected as exc:
@@ -101,24 +98,25 @@ def cmd_train(settings: Settings, args) -> int:
         _say(f"train_{args.pipeline} {run_id} triggered with {conf}")
         if not args.wait:
             return 0
-        deadline = time.monotonic() + 900
-        while (state := api.get(f"/dags/train_{args.pipeline}/dagRuns/{run_id}")["state"]) not in ("success", "failed"):
-            if time.monotonic() > deadline:
-                _say(f"still {state} after 900 s: see {settings.airflow_url}/dags/train_{args.pipeline}")
-                return 1
-            time.sleep(2)
+
+        def finished() -> str | None:
+            state = api.get(f"/dags/train_{args.pipeline}/dagRuns/{run_id}")["state"]
+            return state if state in ("success", "failed") else None
+
+        try:
+            state = wait_until(finished, 900, f"train_{args.pipeline} {run_id} finished", interval=2)
+        except WaitTimeout as exc:
+            _say(f"{exc}: see {settings.airflow_url}/dags/train_{args.pipeline}")
+            return 1
         failed = [t for t in api.task_instances(f"train_{args.pipeline}", run_id) if t["state"] == "failed"]
     with MlflowAPI.connect(settings) as mlflow:
-        runs = mlflow.search_runs(args.pipeline, f"tags.`airflow.run_id` = '{run_id}'")
+        runs = mlflow.search_runs(args.pipeline, schema.tag_filter(schema.AIRFLOW_RUN, run_id))
     for r in runs:
-        tags = r["data"]["tags"]
-        if tags.get("flywheel.decision") or tags.get("flywheel.status"):
-            version = f" v{tags['flywheel.model_version']}" if tags.get("flywheel.model_version") else ""
-            verdict = tags.get("flywheel.decision") or tags.get("flywheel.status")
-            _say(f"{verdict}{version}: {tags.get('flywheel.reason', '')}")
+        record = schema.RunRecord.from_tags(r["data"]["tags"])
+        if record.outcome:
+            version = f" v{record.model_version}" if record.model_version else ""
+            _say(f"{record.outcome}{version}: {record.reason}")
     if failed:
-        from flywheel import alerts
-
         names = ", ".join(t["task_id"] for t in failed)
         reasons = [a["summary"] for a in alerts.recent(settings) if a["labels"].get("run_id") == run_id]
         _say(f"{state}: {names} failed: {reasons[0] if reasons else f'see its log at {settings.airflow_url}'}")
@@ -126,8 +124,6 @@ def cmd_train(settings: Settings, args) -> int:
 
 
 def cmd_lineage(settings: Settings, args) -> int:
-    from flywheel import lineage
-
     try:
         if args.request_id:
             request = lineage.find_request(settings, args.request_id)
@@ -145,11 +141,9 @@ def cmd_lineage(settings: Settings, args) -> int:
 
 
 def cmd_rollback(settings: Settings, args) -> int:
-    from flywheel import deploy, pipelines
-
     try:
-        extra = deploy.rollback(settings, pipelines.get(settings.pipelines_dir, args.pipeline))
-    except deploy.RollbackImpossible as exc:
+        extra = rollback(settings, pipelines.get(settings.pipelines_dir, args.pipeline))
+    except RollbackImpossible as exc:
         _say(f"error: {exc}")
         return 1
     _say(
@@ -158,114 +152,47 @@ def cmd_rollback(settings: Settings, args) -> int:
     )
     if args.wait:
         row = json.loads(args.wait)
-        version = wait_for_new_version(settings, args.pipeline, row, str(extra["rollback_from"]))
+        with Client(settings) as client:
+            version = client.wait_for_version(args.pipeline, row, str(extra["rollback_from"]), progress=_say)
         _say(f"v{version} serving")
     return 0
 
 
 def cmd_retire(settings: Settings, args) -> int:
-    from flywheel import deploy
-
-    live = deploy.retire(settings, args.pipeline)
+    live = rollout.retire(settings, args.pipeline)
     what = f"stopped v{live.version} ({live.group})" if live else "nothing was serving it"
     _say(f"{args.pipeline}: {what}; its route goes once its pipeline file is gone too")
     return 0
 
 
-def upload(settings: Settings, path: Path, pipeline: str, key: str | None = None) -> dict:
-    """Upload a file as datasets/<pipeline>/<key>; a folder (an IDX set) goes up as datasets/<pipeline>/<key>/
-    file by file, its `_SUCCESS` marker last, so the set's run starts once the set is whole."""
-    from flywheel.data import minio_client
-    from flywheel.pipelines import READY_MARKER
-
-    client = minio_client(settings, root=True)  # the operator's upload, not the platform's identity
-    key = f"{pipeline}/{key or path.name}"
-    if path.is_dir():
-        files = sorted(path.iterdir(), key=lambda f: (f.name == READY_MARKER, f.name))
-        return {
-            "set": key,
-            "objects": [upload(settings, f, pipeline, f"{key.split('/', 1)[1]}/{f.name}") for f in files],
-        }
-    result = client.fput_object(settings.datasets_bucket, key, str(path))
-    return {"bucket": settings.datasets_bucket, "key": key, "etag": result.etag, "version_id": result.version_id}
-
-
 def cmd_upload(settings: Settings, args) -> int:
-    print(json.dumps(upload(settings, args.file, args.pipeline, args.key)))
+    with Client(settings) as client:
+        print(json.dumps(client.upload(args.file, args.pipeline, args.key)))
     return 0
 
 
-def predict(settings: Settings, rows: list, pipeline: str | None = None) -> httpx.Response:
-    path = f"/{pipeline}/predict" if pipeline else "/predict"
-    return httpx.post(f"{settings.predict_url}{path}", json={"inputs": rows}, timeout=30)
-
-
 def cmd_predict(settings: Settings, args) -> int:
-    r = predict(settings, json.loads(args.rows), args.pipeline)
+    with Client(settings) as client:
+        r = client.predict(json.loads(args.rows), args.pipeline)
     print(r.text.strip())
     return 0 if r.status_code == 200 else 1
-
-
-def served_version(settings: Settings, pipeline: str, row: list) -> str | None:
-    try:
-        r = predict(settings, [row], pipeline)
-    except httpx.HTTPError:
-        return None
-    return r.json()["model"]["version"] if r.status_code == 200 else None
-
-
-def wait_for_new_version(
-    settings: Settings, pipeline: str, row: list, before: str | None, timeout: float = 600, progress=_say
-) -> str:
-    """Poll /predict (and show the DAG runs' progress) until a version other than `before` answers."""
-    from flywheel.airflow_api import AirflowAPI
-
-    api = AirflowAPI.connect(settings)
-    seen: dict[str, str] = {}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for dag_id in (f"train_{pipeline}", f"deploy_{pipeline}"):
-            try:
-                runs = api.dag_runs(dag_id, limit=1)
-            except Exception:
-                runs = []
-            for run in runs:
-                if seen.get(run["dag_run_id"]) != run["state"]:
-                    seen[run["dag_run_id"]] = run["state"]
-                    progress(f"  {dag_id:<16} {run['dag_run_id']}: {run['state']}")
-        version = served_version(settings, pipeline, row)
-        if version is not None and version != before:
-            return version
-        time.sleep(1)
-    raise TimeoutError(
-        f"no new {pipeline} version served within {timeout:.0f}s (still {before}); "
-        f"see the DAG runs at {settings.airflow_url}"
-    )
-
-
-def make_sample(settings: Settings, name: str, output: Path, seed: int | None = None) -> Path:
-    command = [str(settings.venv_ml / "bin" / "python"), "-m", "flywheel.samples", name, str(output)]
-    if seed is not None:
-        command += ["--seed", str(seed)]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return output
 
 
 def cmd_demo(settings: Settings, args) -> int:
     cmd_up(settings, args, show_urls=False)
     pipeline = "iris"
     row = [5.1, 3.5, 1.4, 0.2]
-    before = served_version(settings, pipeline, row)
-    sample = make_sample(settings, pipeline, settings.state / "samples" / "iris.csv", seed=int(time.time()))
-    key = f"iris-{time.strftime('%Y%m%dT%H%M%S')}.csv"
-    uploaded = upload(settings, sample, pipeline, key)
-    _say(f"uploaded {sample.name} to s3://{uploaded['bucket']}/{uploaded['key']} (etag {uploaded['etag']})")
-    _say("waiting for MinIO -> bridge -> Airflow -> MLflow -> BentoML -> Nginx ...")
-    started = time.monotonic()
-    version = wait_for_new_version(settings, pipeline, row, before)
-    _say(f"v{version} serving {time.monotonic() - started:.1f}s after the upload")
-    r = predict(settings, [row])
-    print(r.text.strip())
+    with Client(settings) as client:
+        before = client.served_version(pipeline, row)
+        sample = samples.make(settings, pipeline, settings.state / "samples" / "iris.csv", seed=int(time.time()))
+        key = f"iris-{time.strftime('%Y%m%dT%H%M%S')}.csv"
+        uploaded = client.upload(sample, pipeline, key)
+        _say(f"uploaded {sample.name} to s3://{uploaded['bucket']}/{uploaded['key']} (etag {uploaded['etag']})")
+        _say("waiting for MinIO -> bridge -> Airflow -> MLflow -> BentoML -> Nginx ...")
+        started = time.monotonic()
+        version = client.wait_for_version(pipeline, row, before, progress=_say)
+        _say(f"v{version} serving {time.monotonic() - started:.1f}s after the upload")
+        print(client.predict([row]).text.strip())
     print_urls(settings)
     _say("the stack keeps running: `make down` stops it")
     return 0
@@ -335,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.load(create_secrets=args.command in ("up", "demo"))
     try:
         return args.func(settings, args)
-    except (stack.StackError, TimeoutError) as exc:
+    except (stack.StackError, TimeoutError) as exc:  # WaitTimeout is a TimeoutError
         _say(f"error: {exc}")
         return 1
 

@@ -5,12 +5,12 @@ one at a time, ahead of every later upload. So the answer depends on whether a r
 - 503 for what passes: Airflow unreachable, a 5xx or 429, a pipeline's DAG not parsed yet (for
   at most PARSE_GRACE seconds per upload: a DAG that never parses must not block the queue);
 - 200 for what a retry cannot fix, written first as a dead letter with the reason
-  (flywheel/deadletter.py): an upload outside any pipeline's folder, an Airflow 4xx.
+  (flywheel/operations/deadletter.py): an upload outside any pipeline's folder, an Airflow 4xx.
 
 Two control loops run here too, every RECONCILE_SECONDS:
-- routes (flywheel/routes.py): a pipeline file added or removed is routed or unrouted by Nginx
+- routes (flywheel/platform/routes.py): a pipeline file added or removed is routed or unrouted by Nginx
   without a restart;
-- the reconciler (flywheel/uploads.py): an upload no training run has accounted for, with no run
+- the reconciler (flywheel/training/ledger.py): an upload no training run has accounted for, with no run
   queued or running, gets its asset event again, so the newest upload always ends up trained even
   when Airflow dropped the event's trigger or a run crashed.
 """
@@ -29,10 +29,16 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from flywheel import alerts, deadletter, events, pipelines, routes, uploads
-from flywheel.airflow_api import AirflowAPI, AirflowRejected, AirflowUnavailable
-from flywheel.mlflow_api import MlflowAPI
-from flywheel.settings import Settings
+from flywheel.clients.airflow_rest import AirflowAPI, AirflowRejected, AirflowUnavailable
+from flywheel.clients.mlflow_rest import MlflowAPI
+from flywheel.core import pipelines
+from flywheel.core.schema import parse_time
+from flywheel.core.settings import AIRFLOW_BRIDGE, Settings
+from flywheel.core.upload import Upload
+from flywheel.operations import alerts, deadletter
+from flywheel.orchestration import notifications
+from flywheel.platform import routes
+from flywheel.training import ledger
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's handler: lines reach the bridge's log
 
@@ -67,7 +73,7 @@ class BridgeState:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings = Settings.load()
-    state = BridgeState(settings, AirflowAPI.connect(settings))
+    state = BridgeState(settings, AirflowAPI.connect(settings, AIRFLOW_BRIDGE))
     app.state.bridge = state
     DEAD_LETTERS.set_function(lambda: deadletter.count(settings))
     task = asyncio.create_task(reconcile_forever(state))
@@ -89,7 +95,7 @@ class NotParsedYet(AirflowUnavailable):
     pass
 
 
-def _forward(state: BridgeState, event: events.DatasetEvent) -> dict:
+def _forward(state: BridgeState, event: Upload) -> dict:
     asset_id = state.asset_ids.get(event.asset_uri)
     if asset_id is None:
         asset_id = state.airflow.asset_id(event.asset_uri)
@@ -97,7 +103,7 @@ def _forward(state: BridgeState, event: events.DatasetEvent) -> dict:
             raise NotParsedYet(f"Airflow has no asset {event.asset_uri} yet (is train_{event.pipeline} parsed?)")
         state.asset_ids[event.asset_uri] = asset_id
     try:
-        created = state.airflow.create_asset_event(asset_id, event.extra())
+        created = state.airflow.create_asset_event(asset_id, event.to_dict())
     except AirflowRejected:
         state.asset_ids.pop(event.asset_uri, None)  # Airflow's database may have been reset: look it up again
         raise
@@ -105,23 +111,29 @@ def _forward(state: BridgeState, event: events.DatasetEvent) -> dict:
     return {"asset_uri": event.asset_uri, "key": event.key, "asset_event_id": created.get("id")}
 
 
-def _dead_letter(state: BridgeState, event: events.DatasetEvent, reason: str, record: dict) -> dict:
-    path = deadletter.write(state.settings, reason, event.extra(), record)
+def _dead_letter(state: BridgeState, event: Upload, reason: str, record: dict) -> dict:
+    path = deadletter.write(state.settings, reason, event.to_dict(), record)
     EVENTS.labels("dead_lettered").inc()
     log.warning("dead letter %s for %s: %s", path.name, event.key, reason)
     return {"key": event.key, "reason": reason, "dead_letter": path.name}
 
 
-@app.post("/alerts")
-async def alerts_in(request: Request, authorization: str | None = Header(default=None)) -> dict:
-    """Alertmanager's webhook: record each alert and forward it to FLYWHEEL_ALERT_WEBHOOK (flywheel/alerts.py)."""
+async def _signed_body(request: Request, authorization: str | None) -> dict:
+    """The JSON body of a call that carries the webhook token (MinIO's and Alertmanager's), or 401/400."""
     state: BridgeState = request.app.state.bridge
     if not _authorized(authorization, state.settings.secrets["FLYWHEEL_WEBHOOK_TOKEN"]):
         raise HTTPException(status_code=401, detail="missing or wrong webhook token")
     try:
-        found = alerts.from_alertmanager(await request.json())
+        return await request.json()
     except ValueError:
         raise HTTPException(status_code=400, detail="body is not JSON") from None
+
+
+@app.post("/alerts")
+async def alerts_in(request: Request, authorization: str | None = Header(default=None)) -> dict:
+    """Alertmanager's webhook: record each alert, forward it to FLYWHEEL_ALERT_WEBHOOK (operations/alerts.py)."""
+    state: BridgeState = request.app.state.bridge
+    found = alerts.from_alertmanager(await _signed_body(request, authorization))
     delivered = await run_in_threadpool(alerts.notify, state.settings, found)
     log.warning("alerts: %s (forwarded: %s)", ", ".join(f"{a['name']} {a['status']}" for a in found), delivered)
     return {"received": len(found), "forwarded": delivered}
@@ -140,15 +152,10 @@ def metrics() -> Response:
 @app.post("/minio/events")
 async def minio_events(request: Request, authorization: str | None = Header(default=None)) -> dict:
     state: BridgeState = request.app.state.bridge
-    if not _authorized(authorization, state.settings.secrets["FLYWHEEL_WEBHOOK_TOKEN"]):
-        raise HTTPException(status_code=401, detail="missing or wrong webhook token")
-    try:
-        body = await request.json()
-    except ValueError:
-        raise HTTPException(status_code=400, detail="body is not JSON") from None
+    body = await _signed_body(request, authorization)
     known = {p.name: p for p in pipelines.load_all(state.settings.pipelines_dir)[0]}
     forwarded, ignored, dead = [], [], []
-    for event in events.from_notification(body):
+    for event in notifications.uploads(body):
         pipeline = known.get(event.pipeline)
         if pipeline is None:
             folder = f"datasets/{event.pipeline}/" if event.pipeline else "the root of datasets/"
@@ -206,11 +213,11 @@ def reconcile_once(state: BridgeState, now: float | None = None) -> list[str]:
             memory = state.reconciling.setdefault(pipeline.name, Reconciling())
             if state.airflow.dag_runs(f"train_{pipeline.name}", limit=1, states=("queued", "running")):
                 continue
-            event = uploads.pending(state.airflow, mlflow, pipeline)
+            event = ledger.pending(state.airflow, mlflow, pipeline)
             if event is None:
                 state.reconciling[pipeline.name] = Reconciling()  # all accounted: forget the backoff
                 continue
-            if uploads.now().timestamp() - uploads.parse_time(event["timestamp"]).timestamp() < SETTLE_SECONDS:
+            if time.time() - parse_time(event["timestamp"]).timestamp() < SETTLE_SECONDS:
                 continue
             if memory.emitted_at and now - memory.emitted_at < memory.backoff:
                 continue

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.settings import GENERATED_SECRETS, REPO_ROOT, Ports, Settings, read_env_file
+from flywheel.core.settings import GENERATED_SECRETS, REPO_ROOT, Ports, Settings, read_env_file
 
 PROJECT = "flywheel-test"
 # Host ports: the defaults plus this, on 127.0.0.1 only, beside a developer's own stacks (embedded

@@ -89,7 +89,7 @@ fi
 # The credentials of this run only: the stack and its volumes are deleted at the end.
 mkdir -p "$CACHE"
 rm -f "$CACHE/test.env"
-"$PYTHON" -c 'import sys; from pathlib import Path; from flywheel.settings import ensure_env_file; ensure_env_file(Path(sys.argv[1]))' "$CACHE/test.env"
+"$PYTHON" -c 'import sys; from pathlib import Path; from flywheel.core.settings import ensure_env_file; ensure_env_file(Path(sys.argv[1]))' "$CACHE/test.env"
 export FLYWHEEL_COMPOSE_ENV_FILE=$CACHE/test.env
 
 # One service per image: Compose builds (and exports, ~50 s for a 3 GB image) an image once for each

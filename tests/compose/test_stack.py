@@ -15,9 +15,9 @@ import time
 import httpx
 import pytest
 
-from flywheel.airflow_api import AirflowAPI
-from flywheel.data import minio_client
-from flywheel.settings import REPO_ROOT, Settings
+from flywheel.clients.airflow_rest import AirflowAPI
+from flywheel.clients.objectstore import client as minio_client
+from flywheel.core.settings import REPO_ROOT, Settings
 from tests.compose.conftest import Compose, figure
 
 PIPELINE = "iris"
@@ -28,10 +28,10 @@ STATE = "/var/lib/flywheel"
 
 @pytest.fixture(scope="module")
 def iris_csv(tmp_path_factory) -> bytes:
-    """The iris CSV the docs upload (`python -m flywheel.samples iris`), written by the ML venv."""
+    """The iris CSV the docs upload (`python -m flywheel.training.samples iris`), written by the ML venv."""
     path = tmp_path_factory.mktemp("iris") / "iris.csv"
     python = REPO_ROOT / ".venv" / "ml" / "bin" / "python"
-    subprocess.run([str(python), "-m", "flywheel.samples", "iris", str(path)], check=True, capture_output=True)
+    subprocess.run([str(python), "-m", "flywheel.training.samples", "iris", str(path)], check=True, capture_output=True)
     return path.read_bytes()
 
 

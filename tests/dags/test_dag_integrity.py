@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from flywheel.settings import REPO_ROOT
+from flywheel.core.settings import REPO_ROOT
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def test_no_import_errors(dagbag):
 
 
 def test_every_pipeline_has_train_and_deploy(dagbag):
-    from flywheel import pipelines
+    from flywheel.core import pipelines
 
     for p in pipelines.load_all(REPO_ROOT / "pipelines")[0]:
         assert f"train_{p.name}" in dagbag.dag_ids

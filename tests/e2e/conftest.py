@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from flywheel import stack
-from flywheel.settings import REPO_ROOT, Ports, Settings
+from flywheel.core.settings import REPO_ROOT, Ports, Settings
+from flywheel.platform import stack
 from tests.e2e.stack_ops import print_logs, processes_of
 
 PORT_OFFSET = 10000  # beside a developer's own stack on the default ports

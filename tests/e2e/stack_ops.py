@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import json
 import os
 import signal
 import time
@@ -11,11 +13,13 @@ from pathlib import Path
 
 import httpx
 
-from flywheel import reaper, stack
-from flywheel.airflow_api import AirflowAPI
-from flywheel.data import minio_client
-from flywheel.mlflow_api import MlflowAPI
-from flywheel.settings import Settings
+from flywheel.clients.airflow_rest import AirflowAPI
+from flywheel.clients.api import Client
+from flywheel.clients.mlflow_rest import MlflowAPI
+from flywheel.clients.objectstore import client as minio_client
+from flywheel.core import schema, waiting
+from flywheel.core.settings import Settings
+from flywheel.platform import reaper, supervisor
 
 DEADLINE = 600  # seconds for one upload to be served; CI is a cold 2-core machine
 IRIS_COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -55,21 +59,13 @@ def predict(settings: Settings, body, path: str = "/iris/predict", **kwargs) -> 
 
 def served(settings: Settings, pipeline: str = "iris", row=None) -> dict | None:
     """The answer's model and dataset, or None while nothing serves."""
-    try:
-        r = predict(settings, {"inputs": [row or ROW]}, path=f"/{pipeline}/predict")
-    except httpx.HTTPError:
-        return None
-    return r.json() if r.status_code == 200 else None
+    with Client(settings) as client:
+        return client.served(pipeline, row or ROW)
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 2.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout:.0f}s: {what}")
+    """The platform's own wait, polling every 2 s by default: the tests' polls are not what is measured."""
+    return waiting.wait_until(condition, timeout, what, interval)
 
 
 def wait_for_version(settings: Settings, not_version: str | None, pipeline: str = "iris") -> dict:
@@ -106,7 +102,7 @@ def mlflow_runs(settings: Settings, experiment: str, filter_string: str = "") ->
 
 
 def program_pid(settings: Settings, name: str) -> int:
-    return stack.supervisor(settings).getProcessInfo(name)["pid"]
+    return supervisor.rpc(settings).getProcessInfo(name)["pid"]
 
 
 def orphans(settings: Settings) -> list[str]:
@@ -144,7 +140,7 @@ def kill_9(settings: Settings, name: str, health: str | None = None, timeout: fl
     os.kill(old, signal.SIGKILL)
 
     def back():
-        info = stack.supervisor(settings).getProcessInfo(name)
+        info = supervisor.rpc(settings).getProcessInfo(name)
         if info["statename"] != "RUNNING" or info["pid"] in (0, old):
             return False
         if health:
@@ -186,3 +182,58 @@ def print_logs(settings: Settings, lines: int = 40) -> None:
 
 def airflow(settings: Settings) -> AirflowAPI:
     return AirflowAPI.connect(settings)
+
+
+# --- runs and pipelines ---------------------------------------------------------------------------
+
+
+def finished_run(api: AirflowAPI, dag_id: str, after: set[str], timeout: float = DEADLINE) -> dict:
+    """The first run of `dag_id` not in `after`, once it has finished."""
+
+    def done():
+        new = [r for r in api.dag_runs(dag_id) if r["dag_run_id"] not in after]
+        return new and new[-1]["state"] in ("failed", "success") and new[-1]
+
+    return wait_until(done, timeout, f"a new {dag_id} run finished")
+
+
+def task_states(api: AirflowAPI, dag_id: str, run_id: str) -> dict[str, tuple[str, int]]:
+    """Each task's state and try number in a run, as Airflow reports them."""
+    return {t["task_id"]: (t["state"], t["try_number"]) for t in api.task_instances(dag_id, run_id)}
+
+
+@contextlib.contextmanager
+def extra_pipeline(settings: Settings, name: str, base: str = "iris", edit=lambda text: text):
+    """A pipeline file copied from `base` under a new name (and `edit`ed), for as long as the test runs:
+    Airflow has parsed its DAGs when this yields; afterwards its file is gone and nothing serves it."""
+    from flywheel.serving import rollout
+
+    path = settings.pipelines_dir / f"{name}.yaml"
+    text = edit((settings.pipelines_dir / f"{base}.yaml").read_text().replace(f"name: {base}", f"name: {name}"))
+    path.write_text(text)
+    try:
+        with airflow(settings) as api:
+            wait_until(lambda: _parsed(api, f"train_{name}"), 180, f"train_{name} parsed by Airflow", interval=3)
+        yield name
+    finally:
+        path.unlink(missing_ok=True)
+        rollout.retire(settings, name)
+
+
+def _parsed(api: AirflowAPI, dag_id: str) -> bool:
+    try:
+        api.get(f"/dags/{dag_id}")
+        return True
+    except Exception:
+        return False
+
+
+def ledger(settings: Settings, pipeline: str = "iris") -> dict[str, dict]:
+    """Every upload accounted for in MLflow, by version id: its role and the run that recorded it."""
+    found = {}
+    with MlflowAPI.connect(settings) as mlflow:
+        for run in mlflow.search_runs(pipeline, schema.has_tag(schema.LEDGER), max_results=1000):
+            entries = json.loads(mlflow.run_artifact(run["info"]["run_id"], schema.LEDGER_ARTIFACT))
+            for entry in entries:
+                found[entry["version_id"]] = {**entry, "run": run["info"]["run_id"]}
+    return found

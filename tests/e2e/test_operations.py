@@ -11,10 +11,12 @@ import time
 import httpx
 import pytest
 
-from flywheel import alerts, lineage, loadgen, overview, pipelines
-from flywheel.airflow_api import AirflowAPI
-from flywheel.data import minio_client
-from flywheel.mlflow_api import MlflowAPI
+from flywheel.clients import load as loadgen
+from flywheel.clients.airflow_rest import AirflowAPI
+from flywheel.clients.mlflow_rest import MlflowAPI
+from flywheel.clients.objectstore import client as minio_client
+from flywheel.core import pipelines, schema
+from flywheel.operations import alerts, lineage, status
 from tests.e2e.stack_ops import (
     DEADLINE,
     IRIS_COLUMNS,
@@ -56,18 +58,18 @@ def test_a_hand_triggered_run_trains_with_its_overrides_and_records_who_and_why(
     assert finished(api, "train_iris", run["dag_run_id"])["state"] == "success"
     [mlflow_run] = [
         r
-        for r in mlflow_runs(stack_settings, "iris", f"tags.`airflow.run_id` = '{run['dag_run_id']}'")
-        if r["data"]["tags"].get("flywheel.decision")
+        for r in mlflow_runs(stack_settings, "iris", schema.tag_filter(schema.AIRFLOW_RUN, run["dag_run_id"]))
+        if r["data"]["tags"].get(schema.DECISION)
     ]
     tags = mlflow_run["data"]["tags"]
-    assert tags["flywheel.trigger"] == "manual" and tags["flywheel.triggered_by"]
-    assert tags["flywheel.note"] == "shallower trees"
+    assert tags[schema.TRIGGER] == "manual" and tags[schema.TRIGGERED_BY]
+    assert tags[schema.NOTE] == "shallower trees"
     with MlflowAPI.connect(stack_settings) as mlflow:
         logged = mlflow._call("GET", "/runs/get", params={"run_id": mlflow_run["info"]["run_id"]})["run"]["data"][
             "params"
         ]
     assert {("max_depth", "2"), ("eta", "0.5")} <= {(p["key"], p["value"]) for p in logged}
-    assert "production" in tags["flywheel.reason"] or "floor" in tags["flywheel.reason"]  # the same gate
+    assert "production" in tags[schema.REASON] or "floor" in tags[schema.REASON]  # the same gate
 
 
 def test_a_hand_triggered_run_on_a_chosen_older_upload(stack_settings, api):
@@ -80,8 +82,8 @@ def test_a_hand_triggered_run_on_a_chosen_older_upload(stack_settings, api):
     )
     run = api.trigger("train_iris", {"dataset": older["version_id"], "params": {}, "note": "reproduce older data"})
     assert finished(api, "train_iris", run["dag_run_id"])["state"] == "success"
-    runs = mlflow_runs(stack_settings, "iris", f"tags.`airflow.run_id` = '{run['dag_run_id']}'")
-    assert {r["data"]["tags"]["dataset.version_id"] for r in runs} == {older["version_id"]}
+    runs = mlflow_runs(stack_settings, "iris", schema.tag_filter(schema.AIRFLOW_RUN, run["dag_run_id"]))
+    assert {r["data"]["tags"][schema.UPLOAD_VERSION_ID] for r in runs} == {older["version_id"]}
 
 
 def test_a_bad_parameter_fails_the_run_at_once_with_the_reason(stack_settings, api, alert_inbox):
@@ -158,9 +160,9 @@ def test_a_rejected_upload_alerts_the_webhook_and_status_says_why(stack_settings
     assert [a for a in alerts.recent(stack_settings) if a["summary"] == alert["summary"]], "kept in the state folder"
     pipeline = pipelines.get(stack_settings.pipelines_dir, "iris")
     with MlflowAPI.connect(stack_settings) as mlflow, AirflowAPI.connect(stack_settings) as api:
-        status = wait_until(
+        state = wait_until(
             lambda: (
-                (s := overview.pipeline_status(stack_settings, pipeline, mlflow, api))["verdict"].startswith(
+                (s := status.pipeline_status(stack_settings, pipeline, mlflow, api))["verdict"].startswith(
                     "the newest upload (iris/ops-no-target.csv) was rejected"
                 )
                 and s
@@ -168,10 +170,10 @@ def test_a_rejected_upload_alerts_the_webhook_and_status_says_why(stack_settings
             120,
             "status explains the rejection",
         )
-    assert "required columns" in status["verdict"]
-    assert status["last_upload"]["version_id"] == bad["version_id"]
-    assert status["serving"]["version"] == served(stack_settings)["model"]["version"]  # the old model serves on
-    print("\n" + overview.render(status))
+    assert "required columns" in state["verdict"]
+    assert state["last_upload"]["version_id"] == bad["version_id"]
+    assert state["serving"]["version"] == served(stack_settings)["model"]["version"]  # the old model serves on
+    print("\n" + status.render(state))
 
 
 def test_an_error_ratio_over_5_percent_fires_an_alert_at_the_webhook(stack_settings, alert_inbox):

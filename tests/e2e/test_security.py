@@ -13,9 +13,9 @@ import httpx
 import pytest
 from minio.error import S3Error
 
-from flywheel import reaper, routes, stack
-from flywheel.data import minio_client
-from flywheel.settings import MLFLOW_ADMIN_USER, MLFLOW_SERVICE_USER
+from flywheel.clients.objectstore import client as minio_client
+from flywheel.core.settings import MLFLOW_ADMIN_USER, MLFLOW_SERVICE_USER, write_private
+from flywheel.platform import configs, reaper, routes
 from tests.e2e.stack_ops import DEADLINE, TRAINING, csv_bytes, put, served, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -153,7 +153,7 @@ def test_predict_takes_api_keys_when_configured(stack_settings):
     url = f"{stack_settings.predict_url}/iris/predict"
     body = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
     try:
-        stack.write_private(conf, stack.api_keys_conf(keyed))
+        write_private(conf, configs.api_keys_conf(keyed))
         routes.reload_nginx(stack_settings)
         time.sleep(1)
         denied = httpx.post(url, json=body)
@@ -163,7 +163,7 @@ def test_predict_takes_api_keys_when_configured(stack_settings):
         allowed = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
         assert allowed.status_code in (200, 503), allowed.text  # 503 only while nothing serves iris
     finally:
-        stack.write_private(conf, stack.api_keys_conf(stack_settings))
+        write_private(conf, configs.api_keys_conf(stack_settings))
         routes.reload_nginx(stack_settings)
         time.sleep(1)
     assert httpx.post(url, json=body).status_code != 401

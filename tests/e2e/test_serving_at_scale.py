@@ -12,20 +12,24 @@ import time
 import httpx
 import pytest
 
-from flywheel import cli, deploy, routes, stack
+from flywheel.clients.api import Client
+from flywheel.platform import deployments, routes, supervisor
+from flywheel.training import samples
 from tests.e2e.stack_ops import DEADLINE, served, wait_until
 
 pytestmark = pytest.mark.e2e
 # The longest way to write a number in JSON, so the bodies are as big as legal requests get.
 LONG = -1.2345678901234567e-300
 MNIST_IMAGE = [[254.99999999999997] * 28 for _ in range(28)]
+MAX_ROWS, MAX_IMAGES = 1000, 256  # the largest legal requests, as the README states them
 
 
 def ensure_serving(settings, pipeline: str, row) -> dict:
     if served(settings, pipeline, row) is None:
         suffix = {"iris": ".csv", "mnist": ""}[pipeline]
-        sample = cli.make_sample(settings, pipeline, settings.state / "samples" / f"{pipeline}{suffix}")
-        cli.upload(settings, sample, pipeline)
+        sample = samples.make(settings, pipeline, settings.state / "samples" / f"{pipeline}{suffix}")
+        with Client(settings) as client:
+            client.upload(sample, pipeline)
     return wait_until(lambda: served(settings, pipeline, row), DEADLINE, f"{pipeline} served")
 
 
@@ -38,21 +42,21 @@ def post(settings, path: str, content: bytes) -> httpx.Response:
 def test_the_largest_legal_table_request_is_answered_through_nginx(stack_settings):
     ensure_serving(stack_settings, "iris", [5.1, 3.5, 1.4, 0.2])
     columns = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
-    body = json.dumps({"inputs": [dict.fromkeys(columns, LONG)] * routes.MAX_ROWS}).encode()
+    body = json.dumps({"inputs": [dict.fromkeys(columns, LONG)] * MAX_ROWS}).encode()
     assert len(body) > 64 * 1024, "bigger than Nginx's default buffers"
     r = post(stack_settings, "/iris/predict", body)
     assert r.status_code == 200, r.text[:300]
-    assert len(r.json()["predictions"]) == routes.MAX_ROWS
+    assert len(r.json()["predictions"]) == MAX_ROWS
 
 
 def test_the_largest_legal_image_request_is_answered_through_nginx(stack_settings):
     body = ensure_serving(stack_settings, "mnist", MNIST_IMAGE)
     assert body["model"]["name"] == "mnist"
-    payload = json.dumps({"inputs": [MNIST_IMAGE] * routes.MAX_IMAGES}).encode()
+    payload = json.dumps({"inputs": [MNIST_IMAGE] * MAX_IMAGES}).encode()
     assert len(payload) > 1_000_000
     r = post(stack_settings, "/mnist/predict", payload)
     assert r.status_code == 200, r.text[:300]
-    assert len(r.json()["predictions"]) == routes.MAX_IMAGES
+    assert len(r.json()["predictions"]) == MAX_IMAGES
     one_more = post(stack_settings, "/mnist/predict", json.dumps({"inputs": [MNIST_IMAGE] * 257}).encode())
     assert one_more.status_code == 400 and "at most 256" in one_more.text
 
@@ -82,9 +86,9 @@ def test_a_body_over_the_limit_gets_a_json_413(stack_settings):
 
 def test_a_new_pipeline_is_routed_live_and_moves_no_other(stack_settings):
     ensure_serving(stack_settings, "iris", [5.1, 3.5, 1.4, 0.2])
-    iris = deploy.current(stack_settings, "iris")
+    iris = deployments.current(stack_settings, "iris")
     ports_before = routes.assigned(stack_settings)
-    nginx = stack.supervisor(stack_settings).getProcessInfo("nginx")["pid"]
+    nginx = supervisor.rpc(stack_settings).getProcessInfo("nginx")["pid"]
     apple = stack_settings.pipelines_dir / "apple.yaml"  # sorts before every other pipeline
     shutil.copy(stack_settings.pipelines_dir / "iris.yaml", apple)
     apple.write_text(apple.read_text().replace("name: iris", "name: apple"))
@@ -96,8 +100,8 @@ def test_a_new_pipeline_is_routed_live_and_moves_no_other(stack_settings):
     finally:
         apple.unlink()
     wait_until(lambda: post(stack_settings, "/apple/predict", b"{}").status_code == 404, 60, "apple unrouted")
-    assert stack.supervisor(stack_settings).getProcessInfo("nginx")["pid"] == nginx, "Nginx was restarted"
-    assert deploy.current(stack_settings, "iris").ports == iris.ports
+    assert supervisor.rpc(stack_settings).getProcessInfo("nginx")["pid"] == nginx, "Nginx was restarted"
+    assert deployments.current(stack_settings, "iris").ports == iris.ports
     assert {k: v for k, v in routes.assigned(stack_settings).items() if k != "apple"} == ports_before
     time.sleep(1)
     assert served(stack_settings)["model"]["version"] == iris.version

@@ -10,9 +10,13 @@ import time
 import httpx
 import pytest
 
-from flywheel import deploy, loadgen, pipelines
-from flywheel.airflow_api import AirflowAPI
-from flywheel.mlflow_api import MlflowAPI
+from flywheel.clients import load as loadgen
+from flywheel.clients.airflow_rest import AirflowAPI
+from flywheel.clients.mlflow_rest import MlflowAPI
+from flywheel.core import pipelines, schema
+from flywheel.operations.rollback import rollback
+from flywheel.platform import deployments
+from flywheel.serving import rollout as deploy
 from tests.e2e.stack_ops import TRAINING, csv_bytes, put, wait_for_version
 
 pytestmark = pytest.mark.e2e
@@ -88,7 +92,7 @@ def test_prometheus_scrapes_bento_metrics_labelled_by_version(stack_settings):
 
 def test_every_metric_dashboards_use_is_scraped(stack_settings):
     """The names compose mode's Grafana dashboard may use (tests/unit/test_compose.py) are all live."""
-    from flywheel.serving_metrics import EXPORTED
+    from flywheel.operations.metrics import EXPORTED
 
     names = set(httpx.get(f"{stack_settings.prometheus_url}/api/v1/label/__name__/values").json()["data"])
     assert names >= EXPORTED, f"not scraped: {sorted(EXPORTED - names)}"
@@ -96,7 +100,7 @@ def test_every_metric_dashboards_use_is_scraped(stack_settings):
 
 def test_a_rollout_that_fails_its_smoke_test_keeps_the_old_one_serving(stack_settings):
     """A Bento that answers wrongly (the live bento, rolled out as if it were `previous`) never takes traffic."""
-    live = deploy.current(stack_settings, "iris")
+    live = deployments.current(stack_settings, "iris")
     with MlflowAPI.connect(stack_settings) as mlflow:
         previous = mlflow.version_by_alias("iris", "previous")
         assert previous and previous != live.version
@@ -107,11 +111,11 @@ def test_a_rollout_that_fails_its_smoke_test_keeps_the_old_one_serving(stack_set
         stats = loadgen.finish(load)
         assert stats["failed"] == 0, stats
         assert served(stack_settings).json()["model"]["version"] == live.version
-        assert deploy.current(stack_settings, "iris") == live
+        assert deployments.current(stack_settings, "iris") == live
         tags = mlflow.model_version("iris", previous)["tags"]
-        assert tags["flywheel.deployment"] == "failed"
-        assert "smoke test" in tags["flywheel.deployment_reason"]
-        assert mlflow.model_version("iris", live.version)["tags"]["flywheel.deployment"] == "serving"
+        assert tags[schema.DEPLOYMENT] == "failed"
+        assert "smoke test" in tags[schema.DEPLOYMENT_REASON]
+        assert mlflow.model_version("iris", live.version)["tags"][schema.DEPLOYMENT] == "serving"
 
 
 def test_rollback_under_load_serves_previous_with_zero_failed_requests(stack_settings, api):
@@ -119,7 +123,7 @@ def test_rollback_under_load_serves_previous_with_zero_failed_requests(stack_set
     before = {r["dag_run_id"] for r in api.dag_runs("deploy_iris")}
     load = loadgen.start(f"{stack_settings.predict_url}/iris/predict", ROW, connections=16, seconds=90)
     time.sleep(3)
-    extra = deploy.rollback(stack_settings, pipelines.get(stack_settings.pipelines_dir, "iris"))
+    extra = rollback(stack_settings, pipelines.get(stack_settings.pipelines_dir, "iris"))
     assert extra["rollback_from"] == live
     deadline = time.monotonic() + 85
     while time.monotonic() < deadline:
@@ -133,5 +137,5 @@ def test_rollback_under_load_serves_previous_with_zero_failed_requests(stack_set
     assert stats["requests"] > 1000
     assert stats["failed"] == 0, f"failed requests during the blue/green switch: {stats}"
     with MlflowAPI.connect(stack_settings) as mlflow:  # the version that failed before now serves, and says so
-        assert mlflow.model_version("iris", extra["version"])["tags"]["flywheel.deployment"] == "serving"
-        assert mlflow.model_version("iris", live)["tags"]["flywheel.deployment"] == "retired"
+        assert mlflow.model_version("iris", extra["version"])["tags"][schema.DEPLOYMENT] == "serving"
+        assert mlflow.model_version("iris", live)["tags"][schema.DEPLOYMENT] == "retired"

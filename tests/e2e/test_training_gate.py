@@ -8,14 +8,16 @@ import time
 import httpx
 import pytest
 
-from flywheel import cli
-from flywheel.airflow_api import AirflowAPI
+from flywheel.clients.airflow_rest import AirflowAPI
+from flywheel.core import schema
+from flywheel.training import samples
 from tests.e2e.stack_ops import (
     DEADLINE,
     HOLDOUT,
     IRIS_COLUMNS,
     TRAINING,
     csv_bytes,
+    finished_run,
     mlflow_runs,
     put,
     served,
@@ -30,17 +32,6 @@ def api(stack_settings):
     client = AirflowAPI.connect(stack_settings)
     yield client
     client.close()
-
-
-def finished_run(api, dag_id: str, after: set[str]) -> dict:
-    """The first run of `dag_id` not in `after`, once it has finished."""
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        new = [r for r in api.dag_runs(dag_id) if r["dag_run_id"] not in after]
-        if new and new[-1]["state"] in ("failed", "success"):
-            return new[-1]
-        time.sleep(2)
-    raise AssertionError(f"no finished {dag_id} run within {DEADLINE}s")
 
 
 def predict(settings, body, path: str = "/iris/predict") -> httpx.Response:
@@ -72,9 +63,9 @@ def test_a_worse_upload_is_rejected_and_the_old_version_keeps_serving(stack_sett
         "account": "success",
     }
     # The rejected challenger is registered and tagged, never served, and nothing was redeployed.
-    [rejected] = mlflow_runs(stack_settings, "iris", f"tags.`airflow.run_id` = '{run['dag_run_id']}'")
-    assert rejected["data"]["tags"]["flywheel.decision"] == "rejected"
-    reason = rejected["data"]["tags"]["flywheel.reason"]
+    [rejected] = mlflow_runs(stack_settings, "iris", schema.tag_filter(schema.AIRFLOW_RUN, run["dag_run_id"]))
+    assert rejected["data"]["tags"][schema.DECISION] == "rejected"
+    reason = rejected["data"]["tags"][schema.REASON]
     assert "does not beat" in reason or "fails the floor" in reason
     time.sleep(5)
     assert {r["dag_run_id"] for r in api.dag_runs("deploy_iris")} == deploys_before
@@ -86,26 +77,23 @@ def test_a_malformed_upload_fails_validation_and_is_recorded_as_rejected_in_mlfl
     put(stack_settings, "iris/gate-no-target.csv", csv_bytes([r[:4] for r in TRAINING], columns=IRIS_COLUMNS))
     run = finished_run(api, "train_iris", before)
     assert run["state"] == "failed"
-    [rejected] = mlflow_runs(stack_settings, "iris", f"tags.`airflow.run_id` = '{run['dag_run_id']}'")
+    [rejected] = mlflow_runs(stack_settings, "iris", schema.tag_filter(schema.AIRFLOW_RUN, run["dag_run_id"]))
     tags = rejected["data"]["tags"]
-    assert tags["flywheel.status"] == "rejected"
-    assert "iris/gate-no-target.csv" in tags["flywheel.reason"] and "required columns" in tags["flywheel.reason"]
+    assert tags[schema.STATUS] == "rejected"
+    assert "iris/gate-no-target.csv" in tags[schema.REASON] and "required columns" in tags[schema.REASON]
     assert rejected["info"]["status"] == "FAILED"
 
 
 def test_digits_trains_a_cnn_and_serves_it(stack_settings, api):
     x, y = digits_rows(20)
-    sample = cli.make_sample(stack_settings, "digits", stack_settings.state / "samples" / "digits.npz")
+    sample = samples.make(stack_settings, "digits", stack_settings.state / "samples" / "digits.npz")
     put(stack_settings, "digits/digits.npz", sample.read_bytes())
-    deadline = time.monotonic() + DEADLINE
-    body = None
-    while time.monotonic() < deadline:
-        r = predict(stack_settings, {"inputs": x}, path="/digits/predict")
-        if r.status_code == 200:
-            body = r.json()
-            break
-        time.sleep(3)
-    assert body is not None, "digits never served"
+    body = wait_until(
+        lambda: (r := predict(stack_settings, {"inputs": x}, path="/digits/predict")).status_code == 200 and r.json(),
+        DEADLINE,
+        "digits served",
+        interval=3,
+    )
     assert body["model"]["name"] == "digits"
     correct = sum(str(p) == str(t) for p, t in zip(body["predictions"], y))
     assert correct >= 16, body["predictions"]
@@ -118,7 +106,7 @@ def digits_rows(n: int) -> tuple[list, list]:
     import csv
     import gzip
 
-    from flywheel.settings import Settings
+    from flywheel.core.settings import Settings
 
     path = next((Settings.load().venv_ml / "lib").glob("python3*/site-packages/sklearn/datasets/data/digits.csv.gz"))
     rows = list(csv.reader(io.StringIO(gzip.decompress(path.read_bytes()).decode())))[:n]

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from flywheel.airflow_api import AirflowAPI
+from flywheel.clients.airflow_rest import AirflowAPI
 from tests.e2e.stack_ops import (
     DEADLINE,
     HOLDOUT,

@@ -7,7 +7,6 @@ every program, each bounded in time. Figures print for docs/measurements.md.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -16,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from flywheel import deadletter, deploy, loadgen, stack, topology, uploads
-from flywheel.mlflow_api import MlflowAPI
+from flywheel.clients import load as loadgen
+from flywheel.operations import deadletter
+from flywheel.platform import deployments, stack, supervisor, topology
 from tests.e2e.stack_ops import (
     DEADLINE,
     ROW,
@@ -25,6 +25,7 @@ from tests.e2e.stack_ops import (
     airflow,
     csv_bytes,
     kill_9,
+    ledger,
     mlflow_runs,
     newest_upload,
     orphans,
@@ -41,17 +42,6 @@ def iris_upload(i: int) -> bytes:
     """A valid iris table, different for each i (rows rotated), so every upload is a new version."""
     k = i % len(TRAINING)
     return csv_bytes(TRAINING[k:] + TRAINING[:k])
-
-
-def ledger(settings, pipeline: str = "iris") -> dict[str, dict]:
-    """Every upload accounted for in MLflow, by version id: its role and the run that recorded it."""
-    found = {}
-    with MlflowAPI.connect(settings) as mlflow:
-        for run in mlflow.search_runs(pipeline, f"tags.`{uploads.UPLOADS_TAG}` LIKE '%'", max_results=1000):
-            entries = json.loads(mlflow.run_artifact(run["info"]["run_id"], uploads.UPLOADS_ARTIFACT))
-            for entry in entries:
-                found[entry["version_id"]] = {**entry, "run": run["info"]["run_id"]}
-    return found
 
 
 def wait_served(settings, upload: dict, pipeline: str = "iris") -> dict:
@@ -95,12 +85,12 @@ def test_a_burst_of_uploads_ends_with_the_newest_trained_and_served(stack_settin
     )
     assert lost == [] and stranded == []
     assert found[newest["version_id"]]["role"] == "trained"
-    assert set(roles) <= {"trained", "superseded", "already-trained"}
+    assert set(roles) <= {"trained", "superseded"}
     assert body["model"]["version"]
 
 
 def test_uploads_made_while_the_bridge_is_down_are_trained_once_it_is_back(stack_settings):
-    sup = stack.supervisor(stack_settings)
+    sup = supervisor.rpc(stack_settings)
     sup.stopProcess("events-bridge")
     try:
         uploaded = [put(stack_settings, f"iris/bridge-down/{i}.csv", iris_upload(100 + i)) for i in range(3)]
@@ -132,7 +122,7 @@ def test_an_upload_no_pipeline_owns_is_dead_lettered_and_the_next_ones_train(sta
 def test_an_upload_whose_run_failed_for_good_is_retrained_by_the_reconciler(stack_settings):
     """MLflow down: the run fails before deciding anything, so its upload stays pending; once MLflow
     is back, the bridge's reconciler re-emits the upload's event and it trains."""
-    sup = stack.supervisor(stack_settings)
+    sup = supervisor.rpc(stack_settings)
     with airflow(stack_settings) as api:
         before = {r["dag_run_id"] for r in api.dag_runs("train_iris")}
         sup.stopProcess("mlflow")
@@ -186,7 +176,7 @@ def test_kill_9_of_the_scheduler_mid_training_retries_the_run_and_leaves_no_orph
 
 
 def test_kill_9_of_a_bento_replica_under_load_costs_no_request_and_leaves_no_orphans(stack_settings):
-    live = deploy.current(stack_settings, "iris")
+    live = deployments.current(stack_settings, "iris")
     assert len(live.ports) >= 2, "iris serves with replicas"
     url = f"{stack_settings.predict_url}/iris/predict"
     load = loadgen.start(url, {"inputs": [ROW]}, connections=8, seconds=25)

@@ -9,10 +9,13 @@ import httpx
 import pytest
 from bento_server import serve
 
+from flywheel.core import schema
+from flywheel.core.upload import Upload
+
 PIPELINE = "iris"
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 DATASET = {
-    "uri": "s3://datasets/iris",
+    "uri": "s3://datasets/iris/iris.csv",
     "key": "iris/iris.csv",
     "etag": "0123456789abcdef0123456789abcdef",
     "version_id": "v-test-1",
@@ -72,11 +75,9 @@ def registry(tmp_path_factory):
         version = str(info.registered_model_version)
         client = mlflow.MlflowClient()
         tags = {
-            "flywheel.pipeline": PIPELINE,
-            "flywheel.task": "classification",
-            "flywheel.features": json.dumps(FEATURES),
-            "flywheel.classes": json.dumps(classes),
-            **{f"dataset.{name}": value for name, value in DATASET.items()},
+            schema.PIPELINE: PIPELINE,
+            **schema.Contract("xgboost", "classification", "accuracy", tuple(FEATURES), classes=tuple(classes)).tags(),
+            **schema.upload_tags(Upload(PIPELINE, "datasets", DATASET["key"], DATASET["etag"], DATASET["version_id"])),
         }
         for key, value in tags.items():
             client.set_model_version_tag(PIPELINE, version, key, value)
@@ -85,7 +86,7 @@ def registry(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(registry):
-    from flywheel.build import build
+    from flywheel.serving.build import build
 
     return build(PIPELINE, registry["version"])
 
@@ -109,7 +110,7 @@ def _predict(client: httpx.Client, body, **kwargs) -> httpx.Response:
 
 
 def test_missing_version_is_a_clear_error(registry):
-    from flywheel.build import BuildError, build
+    from flywheel.serving.build import BuildError, build
 
     with pytest.raises(BuildError, match=r"iris v999 is not registered"):
         build(PIPELINE, "999")
@@ -121,13 +122,14 @@ def test_missing_version_is_a_clear_error(registry):
         build("../iris", "1")
 
 
-def test_main_reports_error_on_stderr(registry, capsys):
-    from flywheel.build import main
+def test_the_step_fails_with_the_reason_in_its_result(registry, tmp_path):
+    from flywheel.core import steps
+    from flywheel.serving.build import build
 
-    assert main(["--pipeline", PIPELINE, "--version", "999"]) == 1
-    captured = capsys.readouterr()
-    assert "iris v999" in captured.err
-    assert captured.out == ""
+    result = tmp_path / "result.json"
+    assert steps.main(build, ["--args", json.dumps({"pipeline": PIPELINE, "version": "999"}), "--result", str(result)])
+    failed = steps.read(result)
+    assert failed.status == steps.FAILED and "iris v999 is not registered" in failed.reason
 
 
 def test_build_result_and_build_folder(registry, built):
@@ -151,12 +153,13 @@ def test_build_result_and_build_folder(registry, built):
     assert bentoml.models.get(built["model_tag"]).info.metadata["dataset"]["etag"] == DATASET["etag"]
 
 
-def test_rebuild_reuses_bento(registry, built, capsys):
-    from flywheel.build import main
+def test_rebuild_reuses_bento(registry, built, tmp_path):
+    from flywheel.core import steps
+    from flywheel.serving.build import build
 
-    assert main(["--pipeline", PIPELINE, "--version", registry["version"]]) == 0
-    last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    again = json.loads(last_line)
+    args = json.dumps({"pipeline": PIPELINE, "version": registry["version"]})
+    assert steps.main(build, ["--args", args, "--result", str(tmp_path / "result.json")]) == 0
+    again = steps.read(tmp_path / "result.json").payload
     assert {k: v for k, v in again.items() if k != "build_seconds"} == {
         k: v for k, v in built.items() if k != "build_seconds"
     }

@@ -7,8 +7,8 @@ import gzip
 import numpy as np
 import pytest
 
-from flywheel.errors import DatasetInvalid
-from flywheel.images import check_images, read_images, write_idx, write_npz
+from flywheel.core.errors import DatasetInvalid
+from flywheel.training.images import check_images, read_images, write_idx, write_npz
 
 WHERE = "s3://datasets/digits/upload.npz (version v-1)"
 RULES = dict(shape=(8, 8), max_value=16.0, classes=list(range(10)), min_rows=20, min_class_fraction=0.05)

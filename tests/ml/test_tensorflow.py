@@ -17,11 +17,17 @@ import numpy as np
 import pytest
 from bento_server import serve
 
+from flywheel.core import schema
+from flywheel.core.upload import Upload
+from flywheel.frameworks import tensorflow
+
+framework = tensorflow.FRAMEWORK
+
 PIPELINE = "digits"
 EPOCHS = 3
 CLASSES = [str(c) for c in range(10)]
 DATASET = {
-    "uri": "s3://datasets/digits",
+    "uri": "s3://datasets/digits/digits.npz",
     "key": "digits/digits.npz",
     "etag": "fedcba9876543210fedcba9876543210",
     "version_id": "v-digits-1",
@@ -52,8 +58,6 @@ def digits():
 
 @pytest.fixture(scope="module")
 def trained(digits):
-    from flywheel.frameworks import tensorflow as framework
-
     started = time.perf_counter()
     model = framework.fit(_pipeline(), digits.x_train, digits.y_train, num_classes=10)
     print(f"fit {EPOCHS} epochs on {len(digits.x_train)} images: {time.perf_counter() - started:.2f}s", file=sys.stderr)
@@ -64,8 +68,6 @@ def trained(digits):
 
 
 def test_fit_reaches_holdout_accuracy(digits, trained):
-    from flywheel.frameworks import tensorflow as framework
-
     predicted = framework.predict(trained, digits.x_holdout)
     assert predicted.shape == (len(digits.x_holdout),) and predicted.dtype.kind == "i"
     accuracy = float((predicted == digits.y_holdout).mean())
@@ -73,21 +75,17 @@ def test_fit_reaches_holdout_accuracy(digits, trained):
 
 
 def test_same_seed_same_predictions(digits, trained):
-    from flywheel.frameworks import tensorflow as framework
-
     again = framework.fit(_pipeline(), digits.x_train, digits.y_train, num_classes=10)
     np.testing.assert_array_equal(
         framework.predict(again, digits.x_holdout), framework.predict(trained, digits.x_holdout)
     )
     np.testing.assert_array_equal(
-        framework.probabilities(again, digits.x_holdout), framework.probabilities(trained, digits.x_holdout)
+        tensorflow.probabilities(again, digits.x_holdout), tensorflow.probabilities(trained, digits.x_holdout)
     )
 
 
 def test_architecture_adapts_to_28x28():
-    from flywheel.frameworks import tensorflow as framework
-
-    model = framework.build_model((28, 28), 255.0, 10, filters=8)
+    model = tensorflow.build_model((28, 28), 255.0, 10, filters=8)
     convs = [layer for layer in model.layers if layer.__class__.__name__ == "Conv2D"]
     assert len(convs) == 3  # 28 -> 14 -> 7 -> 3
     assert model.input_shape == (None, 28, 28) and model.output_shape == (None, 10)
@@ -96,8 +94,6 @@ def test_architecture_adapts_to_28x28():
 
 
 def test_unknown_param_is_an_error(digits):
-    from flywheel.frameworks import tensorflow as framework
-
     pipeline = _pipeline()
     pipeline.params = {"epoch": 2}
     with pytest.raises(ValueError, match=r"unknown tensorflow params \['epoch'\]"):
@@ -112,8 +108,6 @@ def registry(tmp_path_factory, digits, trained):
     """A fresh MLflow (sqlite + local artifacts) holding `digits` v1, tagged as training tags it."""
     import mlflow
     from bentoml._internal.configuration.containers import BentoMLContainer
-
-    from flywheel.frameworks import tensorflow as framework
 
     root = tmp_path_factory.mktemp("flywheel-images")
     env = {
@@ -139,15 +133,11 @@ def registry(tmp_path_factory, digits, trained):
                 info = framework.log_model(trained, digits.x_holdout[:3])
         client = mlflow.MlflowClient()
         client.create_registered_model(PIPELINE)
-        tags = {
-            "flywheel.pipeline": PIPELINE,
-            "flywheel.framework": "tensorflow",
-            "flywheel.task": "classification",
-            "flywheel.image_shape": json.dumps([8, 8]),
-            "flywheel.max_value": json.dumps(16.0),
-            "flywheel.classes": json.dumps(CLASSES),
-            **{f"dataset.{name}": value for name, value in DATASET.items()},
-        }
+        contract = schema.Contract(
+            "tensorflow", "classification", "accuracy", image_shape=(8, 8), max_value=16.0, classes=tuple(CLASSES)
+        )
+        upload = Upload(PIPELINE, "datasets", DATASET["key"], DATASET["etag"], DATASET["version_id"])
+        tags = {schema.PIPELINE: PIPELINE, **contract.tags(), **schema.upload_tags(upload)}
         version = client.create_model_version(
             PIPELINE, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id, tags=tags
         ).version
@@ -166,9 +156,7 @@ def registry(tmp_path_factory, digits, trained):
 def test_log_model_and_load_round_trip(registry, digits, trained):
     import mlflow
 
-    from flywheel.frameworks import tensorflow as framework
-
-    assert registry.stdout == ""  # steps print their JSON result on stdout; nothing else may land there
+    assert registry.stdout == ""  # Keras' progress bar stays out of the task log's stdout
     assert registry.info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 8, 8)
     loaded = framework.load(f"models:/{PIPELINE}/{registry.version}")
     np.testing.assert_array_equal(
@@ -183,7 +171,7 @@ def test_log_model_and_load_round_trip(registry, digits, trained):
 
 @pytest.fixture(scope="module")
 def built(registry):
-    from flywheel.build import build
+    from flywheel.serving.build import build
 
     result = build(PIPELINE, registry.version)
     print(f"build: {result['build_seconds']}s", file=sys.stderr)
@@ -211,22 +199,22 @@ def test_build_result_and_spec(registry, built):
 def test_build_rejects_tags_that_disagree_with_the_model(registry, built):
     import mlflow
 
-    from flywheel.build import BuildError, build
+    from flywheel.serving.build import BuildError, build
 
     client = mlflow.MlflowClient()
     # The same logged model registered again, with tags that do not describe it.
     wrong = client.create_model_version(PIPELINE, registry.info.model_uri, run_id=registry.run_id).version
     tags = {k: v for k, v in client.get_model_version(PIPELINE, registry.version).tags.items()}
-    for key, value in {**tags, "flywheel.image_shape": "[28, 28]"}.items():
+    for key, value in {**tags, schema.IMAGE_SHAPE: "[28, 28]"}.items():
         client.set_model_version_tag(PIPELINE, wrong, key, value)
     with pytest.raises(BuildError, match=r"takes images of shape \[8, 8\] but the tag says \[28, 28\]"):
         build(PIPELINE, wrong)
-    client.set_model_version_tag(PIPELINE, wrong, "flywheel.image_shape", "[8, 8]")
-    client.set_model_version_tag(PIPELINE, wrong, "flywheel.classes", json.dumps(CLASSES[:3]))
+    client.set_model_version_tag(PIPELINE, wrong, schema.IMAGE_SHAPE, "[8, 8]")
+    client.set_model_version_tag(PIPELINE, wrong, schema.CLASSES, json.dumps(CLASSES[:3]))
     with pytest.raises(BuildError, match=r"predicts 10 classes"):
         build(PIPELINE, wrong)
-    client.delete_model_version_tag(PIPELINE, wrong, "flywheel.max_value")
-    with pytest.raises(BuildError, match=r"lacks the tags \['flywheel.max_value'\]"):
+    client.delete_model_version_tag(PIPELINE, wrong, schema.MAX_VALUE)
+    with pytest.raises(BuildError, match=f"lacks the tag {schema.MAX_VALUE}"):
         build(PIPELINE, wrong)
 
 
@@ -255,8 +243,6 @@ def test_smoke_example_is_served(server, built):
 
 
 def test_predicts_real_digits(server, digits, trained):
-    from flywheel.frameworks import tensorflow as framework
-
     images = digits.x_holdout[:6]
     expected = [str(i) for i in framework.predict(trained, images)]
     inputs = [image.tolist() for image in images[:5]] + [images[5].reshape(-1).tolist()]  # the last one flat
@@ -275,8 +261,6 @@ def test_predicts_real_digits(server, digits, trained):
 
 
 def test_concurrent_requests_are_batched(server, digits, trained):
-    from flywheel.frameworks import tensorflow as framework
-
     images = digits.x_holdout[:48]
     expected = [str(i) for i in framework.predict(trained, images)]
 

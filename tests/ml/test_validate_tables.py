@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flywheel import pipelines, samples
-from flywheel.errors import DatasetInvalid
-from flywheel.settings import REPO_ROOT
-from flywheel.validate import check_table, read_table
+from flywheel.core import pipelines
+from flywheel.core.errors import DatasetInvalid
+from flywheel.core.settings import REPO_ROOT
+from flywheel.training import samples
+from flywheel.training.datasets import check_table, read_table
 
 IRIS = pipelines.get(REPO_ROOT / "pipelines", "iris")
 DIABETES = pipelines.get(REPO_ROOT / "pipelines", "diabetes")
@@ -28,6 +29,7 @@ def validate_csv(raw: bytes, pipeline=IRIS):
 
 def test_shipped_samples_pass():
     validate_csv(iris_csv())
+    validate_csv(samples.wine().to_csv(index=False).encode(), pipelines.get(REPO_ROOT / "pipelines", "wine"))
     buffer = io.BytesIO()
     samples.diabetes().to_parquet(buffer)
     check_table(DIABETES, read_table(buffer.getvalue(), "parquet", WHERE), WHERE)

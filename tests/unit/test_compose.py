@@ -23,9 +23,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flywheel import deploy, runner, stack, topology
-from flywheel.serving_metrics import EXPORTED
-from flywheel.settings import GENERATED_SECRETS, ML_ACCESS_KEY, REPO_ROOT, Ports, Settings
+from flywheel.core.settings import (
+    AIRFLOW_ADMIN,
+    AIRFLOW_BRIDGE,
+    GENERATED_SECRETS,
+    ML_ACCESS_KEY,
+    REPO_ROOT,
+    Ports,
+    Settings,
+)
+from flywheel.operations.metrics import EXPORTED
+from flywheel.orchestration import runner
+from flywheel.platform import configs, deployments, supervisor, topology
 from tests.tooling import require
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -52,9 +61,9 @@ COMPOSE_HOME = {
 # Compose services without an embedded counterpart of their own.
 COMPOSE_ONLY = {
     "postgres": "Airflow's and MLflow's metadata (SQLite files in embedded mode)",
-    "minio-init": "stack.ensure_buckets, which `flywheel up` runs",
-    "flywheel-init": "stack.render and `airflow db migrate`, which `flywheel up` runs",
-    "mlflow-init": "stack.ensure_mlflow_accounts, which `flywheel up` runs",
+    "minio-init": "provision.buckets, which `flywheel up` runs",
+    "flywheel-init": "configs.render and `airflow db migrate`, which `flywheel up` runs",
+    "mlflow-init": "provision.mlflow_accounts, which `flywheel up` runs",
     "serving": "embedded mode's supervisord, for Nginx, its exporter and the Bentos",
     "grafana": "the dashboard",
     "redis": "Celery's broker (profile celery)",
@@ -292,7 +301,7 @@ def test_hosts_name_the_service_behind_each_port(raw, services):
 
 
 def test_flywheel_code_in_compose_finds_each_service_by_name(services, tmp_path):
-    """Needs per-service hosts in flywheel.settings (FLYWHEEL_<NAME>_HOST, see docs/compose.md)."""
+    """Needs per-service hosts in flywheel.core.settings (FLYWHEEL_<NAME>_HOST, see docs/compose.md)."""
     env = {k: str(v) for k, v in environment(services["airflow-scheduler"]).items()}
     s = Settings.load({**env, "FLYWHEEL_REPO": str(tmp_path)})
     for name, home in PORT_HOME.items():
@@ -330,12 +339,12 @@ def test_serving_runs_the_topology_programs(embedded, services):
     settings = dataclasses.replace(embedded, host=services["serving"]["hostname"])
     mine, theirs = configparser.RawConfigParser(), configparser.RawConfigParser()
     mine.read_string(supervise.supervisor_conf(settings))
-    theirs.read_string(stack.supervisor_conf(settings))
+    theirs.read_string(supervisor.render(supervisor.main_conf(settings, configs.programs(settings))))
     programs = {s for s in mine.sections() if s.startswith("program:")}
     assert programs == {f"program:{name}" for name in supervise.PROGRAMS}
     for section in programs:
         assert dict(mine[section]) == dict(theirs[section])
-    # flywheel.stack.supervisor() connects here, over the shared state volume; deploy writes conf.d.
+    # flywheel.platform.supervisor connects here, over the shared state volume; deploy writes conf.d.
     assert mine["unix_http_server"]["file"] == str(STATE / "supervisor.sock")
     assert mine["include"]["files"] == theirs["include"]["files"]
     assert mine["supervisord"]["nodaemon"] == "true"
@@ -343,14 +352,21 @@ def test_serving_runs_the_topology_programs(embedded, services):
         assert f"state:{STATE}" in services[name]["volumes"]
 
 
+def test_the_bridge_logs_in_to_airflow_as_itself(services):
+    """Least privilege: the events bridge has its own login's password, not the admin's."""
+    env = environment(services["events-bridge"])
+    assert AIRFLOW_BRIDGE.secret in env
+    assert AIRFLOW_ADMIN.secret not in env and "MINIO_ROOT_PASSWORD" not in env
+
+
 def test_bentos_in_serving_listen_where_the_others_reach_them(services):
     """The deploy step starts each Bento in `serving`, which the others reach by its name; BentoML
     listens on addresses only, so a Bento there listens on every interface of the container."""
     host = environment(services["airflow-scheduler"])["FLYWHEEL_HOST"]
     assert host == services["serving"]["hostname"]
-    assert deploy.listen_address(host) == "0.0.0.0"
-    assert deploy.listen_address(Settings.load({}).host) == "127.0.0.1"  # embedded mode: loopback only
-    # supervisord must not be PID 1 there: flywheel.reaper stops climbing the process tree at init.
+    assert deployments.listen_address(host) == "0.0.0.0"
+    assert deployments.listen_address(Settings.load({}).host) == "127.0.0.1"  # embedded mode: loopback only
+    # supervisord must not be PID 1 there: flywheel.platform.reaper stops climbing the process tree at init.
     assert services["serving"]["init"] is True
 
 

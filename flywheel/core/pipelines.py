@@ -1,0 +1,294 @@
+"""Pipelines are data: one YAML file each under `pipelines/`, loaded into typed objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from flywheel import frameworks
+from flywheel.core.errors import PipelineError
+
+TASKS = ("classification", "regression")
+# Higher is better unless listed here: the gate needs to know which way "beats" points.
+LOWER_IS_BETTER = ("rmse", "mae")
+METRICS = {"classification": ("accuracy",), "regression": ("rmse", "mae", "r2")}
+# Replicas per colour at most: each pipeline's port block holds this many per colour.
+MAX_REPLICAS = 8
+# A multi-object dataset (IDX images + labels) is complete when this marker lands in its folder.
+READY_MARKER = "_SUCCESS"
+IDX_PARTS = ("images", "labels")
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Rules every upload must pass before training."""
+
+    min_rows: int = 20
+    max_bytes: int = 200 * 1024 * 1024
+    max_missing_rate: float = 0.0
+    min_class_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    dataset_prefix: str
+    format: str
+    task: str
+    framework: str
+    metric: str
+    target: str = ""
+    features: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()  # declared label values; empty: any (at least two)
+    image_shape: tuple[int, int] = ()
+    max_value: float = 255.0
+    params: dict[str, Any] = field(default_factory=dict)
+    floor: float | None = None
+    margin: float = 0.0
+    holdout_fraction: float = 0.25
+    holdout_object: str = ""  # a fixed holdout the user uploads; empty: a seeded split
+    seed: int = 42
+    validation: Validation = Validation()
+    batching: bool = False  # BentoML adaptive batching for the served model (serving.batching)
+    replicas: int = 2  # Bento servers per colour behind Nginx, spread over the cores (serving.replicas)
+    source: str = ""
+
+    # Asset URIs: the names the Airflow Asset view shows.
+    @property
+    def dataset_uri(self) -> str:
+        return f"s3://datasets/{self.name}"
+
+    @property
+    def model_uri(self) -> str:
+        return f"model://{self.name}/production"
+
+    @property
+    def deployment_uri(self) -> str:
+        return f"deployment://{self.name}/production"
+
+    @property
+    def model_name(self) -> str:
+        """The registered model's name in MLflow."""
+        return self.name
+
+    @property
+    def is_image(self) -> bool:
+        return self.format in frameworks.FORMATS[frameworks.IMAGE]
+
+    @property
+    def plugin(self) -> frameworks.Framework:
+        """The framework that trains and serves this pipeline's models (flywheel/frameworks/)."""
+        return frameworks.get(self.framework)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric not in LOWER_IS_BETTER
+
+    def triggers(self, key: str) -> bool:
+        """Whether an uploaded object starts a training run.
+
+        Single-object formats train on every upload. An IDX set is several objects, so only its
+        completion marker (`<set>/_SUCCESS`, uploaded last) starts a run; the parts alone do not.
+        """
+        path = PurePosixPath(key)
+        if self.holdout_object and key == self.holdout_object:
+            return False  # the fixed holdout is evaluation data, not a new dataset
+        if self.format == "idx":
+            return path.name == READY_MARKER
+        return path.name != READY_MARKER and not path.name.startswith(".")
+
+
+def check_params(framework: str, params: dict, where: str) -> dict[str, Any]:
+    """The parameters, checked against the framework's table; a PipelineError names the first problem."""
+    if not isinstance(params, dict):
+        raise PipelineError(f"{where}: parameters must be a mapping of name to value, got {params!r}")
+    known = frameworks.get(framework).params
+    checked = {}
+    for name, value in params.items():
+        if name not in known:
+            raise PipelineError(f"{where}: unknown {framework} parameter {name!r}; expected one of {sorted(known)}")
+        rule = known[name]
+        if isinstance(rule[0], str):  # a choice
+            if value not in rule:
+                raise PipelineError(f"{where}: parameter {name!r} is {value!r}; expected one of {list(rule)}")
+        else:
+            kind, low, high = rule
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or (kind is int and float(value) != int(value)):
+                expected = "a whole number" if kind is int else "a number"
+                raise PipelineError(f"{where}: parameter {name!r} must be {expected}, got {value!r}")
+            if not low <= value <= high:
+                raise PipelineError(f"{where}: parameter {name!r} must be between {low} and {high}, got {value}")
+            value = kind(value)
+        checked[name] = value
+    return checked
+
+
+def _require(data: dict, key: str, source: str, kind: type | tuple = str) -> Any:
+    if key not in data:
+        raise PipelineError(f"{source}: missing required field '{key}'")
+    value = data[key]
+    if not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise PipelineError(f"{source}: field '{key}' must be {names}, got {value!r}")
+    return value
+
+
+def _choice(data: dict, key: str, choices: tuple[str, ...], source: str) -> str:
+    value = _require(data, key, source)
+    if value not in choices:
+        raise PipelineError(f"{source}: field '{key}' is {value!r}; expected one of {', '.join(choices)}")
+    return value
+
+
+def _number(data: dict, key: str, source: str, default, low=None, high=None, where: str = ""):
+    value = data.get(key, default)
+    name = f"{where}{key}"
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PipelineError(f"{source}: field '{name}' must be a number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise PipelineError(f"{source}: field '{name}' must be between {low} and {high}, got {value}")
+    return value
+
+
+def _section(data: dict, key: str, source: str) -> dict:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise PipelineError(f"{source}: field '{key}' must be a mapping, got {value!r}")
+    return value
+
+
+def parse(data: Any, source: str) -> Pipeline:
+    if not isinstance(data, dict):
+        raise PipelineError(f"{source}: expected a mapping at the top level")
+    known = {
+        "name",
+        "dataset_prefix",
+        "format",
+        "task",
+        "framework",
+        "metric",
+        "target",
+        "features",
+        "classes",
+        "image",
+        "params",
+        "gate",
+        "holdout",
+        "validation",
+        "serving",
+    }
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PipelineError(f"{source}: unknown field(s) {', '.join(unknown)}")
+    name = _require(data, "name", source)
+    if not name.isidentifier() or name != name.lower():
+        raise PipelineError(f"{source}: field 'name' must be a lower-case identifier, got {name!r}")
+    framework = _choice(data, "framework", frameworks.names(), source)
+    plugin = frameworks.get(framework)
+    fmt = _require(data, "format", source)
+    if fmt not in plugin.formats:
+        raise PipelineError(
+            f"{source}: field 'format' is {fmt!r}; framework {framework!r} trains {plugin.inputs} formats "
+            f"({', '.join(plugin.formats)})"
+        )
+    task = _choice(data, "task", TASKS, source)
+    if task not in plugin.tasks:
+        raise PipelineError(f"{source}: framework {framework!r} does not do {task} (it does {', '.join(plugin.tasks)})")
+    metric = _choice(data, "metric", METRICS[task], source)
+    fields: dict[str, Any] = {}
+    if plugin.inputs == frameworks.TABLE:
+        fields["target"] = _require(data, "target", source)
+        features = _require(data, "features", source, list)
+        if not features or not all(isinstance(f, str) for f in features) or len(set(features)) != len(features):
+            raise PipelineError(f"{source}: field 'features' must be a non-empty list of distinct column names")
+        if fields["target"] in features:
+            raise PipelineError(f"{source}: field 'target' {fields['target']!r} is also listed in 'features'")
+        fields["features"] = tuple(features)
+    else:
+        image = _section(data, "image", source)
+        shape = image.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+            raise PipelineError(f"{source}: field 'image.shape' must be [height, width], got {shape!r}")
+        fields["image_shape"] = tuple(shape)
+        fields["max_value"] = float(_number(image, "max_value", source, 255.0, 1, None, "image."))
+    classes = data.get("classes") or []
+    if not isinstance(classes, list):
+        raise PipelineError(f"{source}: field 'classes' must be a list of label values")
+    gate = _section(data, "gate", source)
+    holdout = _section(data, "holdout", source)
+    rules = _section(data, "validation", source)
+    holdout_object = holdout.get("object", "")
+    prefix = data.get("dataset_prefix", f"{name}/")
+    if holdout_object and not str(holdout_object).startswith(prefix):
+        raise PipelineError(f"{source}: field 'holdout.object' must be a key under {prefix}")
+    params = check_params(framework, _section(data, "params", source), f"{source}: field 'params'")
+    serving = _section(data, "serving", source)
+    unknown_serving = sorted(set(serving) - {"batching", "replicas"})
+    if unknown_serving:
+        raise PipelineError(f"{source}: unknown field(s) serving.{', serving.'.join(unknown_serving)}")
+    batching = serving.get("batching", False)
+    if not isinstance(batching, bool):
+        raise PipelineError(f"{source}: field 'serving.batching' must be true or false, got {batching!r}")
+    replicas = _number(serving, "replicas", source, 2, 1, MAX_REPLICAS, "serving.")
+    if not isinstance(replicas, int):
+        raise PipelineError(f"{source}: field 'serving.replicas' must be a whole number, got {replicas!r}")
+    return Pipeline(
+        batching=batching,
+        replicas=replicas,
+        name=name,
+        dataset_prefix=prefix,
+        format=fmt,
+        task=task,
+        framework=framework,
+        metric=metric,
+        classes=tuple(str(c) for c in classes),
+        params=dict(params),
+        floor=_number(gate, "floor", source, None, where="gate."),
+        margin=float(_number(gate, "margin", source, 0.0, 0, None, "gate.")),
+        holdout_fraction=float(_number(holdout, "fraction", source, 0.25, 0.01, 0.9, "holdout.")),
+        holdout_object=str(holdout_object),
+        seed=int(_number(holdout, "seed", source, 42, 0, None, "holdout.")),
+        validation=Validation(
+            min_rows=int(_number(rules, "min_rows", source, Validation.min_rows, 2, None, "validation.")),
+            max_bytes=int(_number(rules, "max_bytes", source, Validation.max_bytes, 1, None, "validation.")),
+            max_missing_rate=float(_number(rules, "max_missing_rate", source, 0.0, 0, 1, "validation.")),
+            min_class_fraction=float(_number(rules, "min_class_fraction", source, 0.0, 0, 0.5, "validation.")),
+        ),
+        source=source,
+        **fields,
+    )
+
+
+def load(path: Path) -> Pipeline:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path.name}: not valid YAML: {exc}") from exc
+    pipeline = parse(data, path.name)
+    if pipeline.name != path.stem:
+        raise PipelineError(f"{path.name}: field 'name' is {pipeline.name!r} but the file is named {path.stem!r}")
+    return pipeline
+
+
+def load_all(directory: Path) -> tuple[list[Pipeline], list[PipelineError]]:
+    """Every valid pipeline, and the errors of the invalid ones (which do not stop the others)."""
+    pipelines, errors = [], []
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            pipelines.append(load(path))
+        except PipelineError as exc:
+            errors.append(exc)
+    return pipelines, errors
+
+
+def get(directory: Path, name: str) -> Pipeline:
+    path = directory / f"{name}.yaml"
+    if not path.exists():
+        raise PipelineError(f"no pipeline named {name!r} (looked for {path})")
+    return load(path)

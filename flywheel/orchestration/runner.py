@@ -1,0 +1,137 @@
+"""Runner: where a step runs (core/steps.py), chosen by FLYWHEEL_RUNNER; never which tasks exist.
+
+Every backend runs the same StepSpec and hands back the StepResult the step wrote to its result file:
+
+- `local` (embedded mode): a subprocess in the ML venv; its output streams into the task log;
+- `docker`: a container of the trainer image on the stack's network (the Docker SDK); the result
+  file is copied out of the container once it exits;
+- `kubernetes`: a pod of the trainer image (KubernetesPodOperator, run by the task); the result
+  file is the pod's XCom file, which the operator's sidecar reads.
+
+The DAGs are the same whatever the backend: one task per step, which calls `run` and decides from
+the result (tasks.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections import deque
+from pathlib import Path
+
+from flywheel.core import steps
+from flywheel.core.settings import Settings
+from flywheel.core.steps import FAILED, StepResult, StepSpec
+
+BACKENDS = ("local", "docker", "kubernetes")
+TRAINER_IMAGE = "flywheel/trainer:latest"  # built from services/trainer/Dockerfile
+NETWORK = "flywheel"  # docker-compose.yml's network: the services' names resolve on it
+CONTAINER_RESULT = "/tmp/flywheel-result.json"
+KUBERNETES_XCOM = "/airflow/xcom/return.json"  # where KubernetesPodOperator's sidecar reads XCom
+
+
+def backend() -> str:
+    """The configured backend: FLYWHEEL_RUNNER, `local` unless compose or Kubernetes set it."""
+    name = os.environ.get("FLYWHEEL_RUNNER", "local")
+    if name not in BACKENDS:
+        raise ValueError(f"FLYWHEEL_RUNNER is {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def container_env(settings: Settings) -> dict[str, str]:
+    """A step's environment in a container or pod: the ML identity and where the services are.
+
+    Paths of this machine (the repo, the venvs) mean nothing there: the image has its own.
+    """
+    return {
+        k: v
+        for k, v in settings.client_env().items()
+        if not k.startswith("FLYWHEEL_") or k in ("FLYWHEEL_STATE_DIR", "FLYWHEEL_ML_SECRET_KEY") or k.endswith("_HOST")
+    }
+
+
+def _missing(spec: StepSpec, how: str, tail: list[str]) -> StepResult:
+    lines = " | ".join(tail[-5:])
+    return StepResult(FAILED, f"{spec.module} {how} without writing its result: {lines}")
+
+
+def run_local(settings: Settings, spec: StepSpec) -> StepResult:
+    env = {**os.environ, **settings.client_env(), "PYTHONUNBUFFERED": "1"}
+    tail: deque[str] = deque(maxlen=20)
+    with tempfile.TemporaryDirectory(prefix="flywheel-step-") as tmp:
+        result_path = str(Path(tmp) / "result.json")
+        command = spec.command(result_path, str(settings.venv_ml / "bin" / "python"))
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                tail.append(line.rstrip("\n"))
+        result = steps.read(result_path)
+    return result or _missing(spec, f"exited {proc.returncode}", list(tail))
+
+
+def run_docker(settings: Settings, spec: StepSpec, image: str = TRAINER_IMAGE) -> StepResult:
+    import docker
+
+    client = docker.from_env()
+    container = client.containers.run(
+        image,
+        spec.command(CONTAINER_RESULT),
+        environment={**container_env(settings), "PYTHONUNBUFFERED": "1"},
+        network=NETWORK,
+        detach=True,
+        labels={"flywheel.step": spec.module},
+    )
+    tail: deque[str] = deque(maxlen=20)
+    try:
+        for chunk in container.logs(stream=True, follow=True):
+            text = chunk.decode(errors="replace")
+            sys.stdout.write(text)
+            tail.extend(text.splitlines())
+        status = container.wait()["StatusCode"]
+        try:
+            bits, stat = container.get_archive(CONTAINER_RESULT)
+        except docker.errors.NotFound:
+            return _missing(spec, f"exited {status}", list(tail))
+        with tarfile.open(fileobj=io.BytesIO(b"".join(bits))) as archive:
+            return StepResult.from_json(archive.extractfile(stat["name"]).read())
+    finally:
+        container.remove(force=True)
+
+
+def run_kubernetes(settings: Settings, spec: StepSpec, image: str = TRAINER_IMAGE) -> StepResult:
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk import get_current_context
+
+    command = spec.command(KUBERNETES_XCOM)
+    name = spec.module.rsplit(".", 1)[-1].replace("_", "-")
+    pod = KubernetesPodOperator(
+        task_id=f"{name}-pod",
+        name=name,
+        image=image,
+        cmds=command[:3],
+        arguments=command[3:],  # no shell between us and the step: arguments stay exactly as given
+        env_vars=container_env(settings),
+        do_xcom_push=True,  # its sidecar reads the result file, and execute() returns it parsed
+        get_logs=True,
+        on_finish_action="delete_pod",
+    )
+    try:
+        value = pod.execute(get_current_context())
+    except Exception as exc:  # the pod failed, or never ran: its logs are in the task log above
+        return StepResult(FAILED, f"{spec.module} pod failed: {exc}")
+    return StepResult.from_json(json.dumps(value)) if value else _missing(spec, "ended", [])
+
+
+def run(settings: Settings, spec: StepSpec, backend_name: str | None = None) -> StepResult:
+    """Run the step where the configured backend says, and return what it wrote."""
+    name = backend_name or backend()
+    if name == "docker":
+        return run_docker(settings, spec)
+    if name == "kubernetes":
+        return run_kubernetes(settings, spec)
+    return run_local(settings, spec)

@@ -1,0 +1,230 @@
+"""Tasks: what each DAG task does, kept out of the DAG file so the DAGs stay wiring only.
+
+These run in Airflow's environment, the same way whichever runner backend is configured: the ML
+steps (validate, train, build) go through the runner, and each task decides from the StepResult
+(a rejection fails the task at once, with no retry; a failure is retried).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from flywheel.clients.mlflow_rest import MlflowAPI
+from flywheel.core import pipelines, schema
+from flywheel.core.schema import parse_time
+from flywheel.core.settings import Settings
+from flywheel.core.steps import REJECTED, StepSpec
+from flywheel.core.upload import Upload
+from flywheel.operations import alerts
+from flywheel.orchestration import runner
+from flywheel.serving import rollout as serving
+from flywheel.training import ledger, planning
+
+log = logging.getLogger(__name__)
+
+VALIDATE = "flywheel.training.validate"
+TRAIN = "flywheel.training.train"
+BUILD = "flywheel.serving.build"
+
+
+class StepFailed(RuntimeError):
+    """A step failed in a way a retry may fix; the message is the step's own reason."""
+
+
+def step(settings: Settings, module: str, **args) -> dict:
+    """Run a step where the runner says; its payload, or AirflowFailException (rejected), or StepFailed."""
+    result = runner.run(settings, StepSpec(module, args))
+    if result.status == REJECTED:
+        raise AirflowFailException(result.reason)  # no retry: the input itself is bad
+    if not result.ok:
+        raise StepFailed(result.reason)
+    return result.payload
+
+
+def trigger(pipeline: pipelines.Pipeline, dag_run, params) -> schema.Trigger:
+    """Who started the run and with what: an upload, or a person (Airflow's Trigger form, `flywheel train`).
+
+    A hand-triggered run's parameters are checked against the framework here, so a bad one fails
+    the run at once, with the reason, before any training.
+    """
+    run_type = getattr(getattr(dag_run, "run_type", ""), "value", getattr(dag_run, "run_type", ""))
+    if run_type != "manual":
+        return schema.Trigger()
+    params = dict(params or {})
+    try:
+        overrides = pipelines.check_params(pipeline.framework, params.get("params") or {}, f"train_{pipeline.name}")
+    except pipelines.PipelineError as exc:
+        raise AirflowFailException(str(exc)) from exc
+    return schema.Trigger(
+        kind="manual",
+        by=getattr(dag_run, "triggering_user_name", None) or "unknown",
+        note=str(params.get("note") or ""),
+        overrides=overrides,
+        dataset=str(params.get("dataset") or "").strip(),
+    )
+
+
+def plan(pipeline_name: str, airflow_run: str, triggering_asset_events=None, dag_run=None, params=None) -> dict:
+    """Pick what this run trains on (training/planning.py): the newest upload, or a person's choice."""
+    settings = Settings.load()
+    pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
+    started_by = trigger(pipeline, dag_run, params)
+    for events in (triggering_asset_events or {}).values():
+        for e in events:
+            log.info("triggered by the upload of %s (etag %s)", e.extra.get("key"), e.extra.get("etag"))
+    if started_by.manual:
+        log.info("triggered by %s: %s", started_by.by, started_by.to_dict())
+    triggered_by = [
+        Upload.from_dict({"pipeline": pipeline.name, "bucket": "", "key": "", **e.extra})
+        for events in (triggering_asset_events or {}).values()
+        for e in events
+        if e.extra.get("key")
+    ]
+    try:
+        planned, killed = planning.plan(settings, pipeline, started_by, airflow_run, triggered_by)
+    except LookupError as exc:
+        raise AirflowFailException(str(exc)) from exc
+    for run_id in killed:
+        log.info("MLflow run %s was left RUNNING by a killed process: marked FAILED", run_id)
+    if planned.upload is not None:
+        log.info("newest upload: %s", planned.upload.describe())
+    if planned.skip:
+        log.info("no training: %s", planned.skip)
+    return planned.to_dict()
+
+
+def validate(pipeline_name: str, planned: dict, airflow_run: str) -> dict:
+    plan_ = planning.Plan.from_dict(planned)
+    if plan_.skip:
+        raise AirflowSkipException(plan_.skip)
+    return step(
+        Settings.load(), VALIDATE, pipeline=pipeline_name, upload=plan_.upload.to_dict(), airflow_run=airflow_run
+    )
+
+
+def train(pipeline_name: str, planned: dict, airflow_run: str) -> dict:
+    plan_ = planning.Plan.from_dict(planned)
+    return step(
+        Settings.load(),
+        TRAIN,
+        pipeline=pipeline_name,
+        upload=plan_.upload.to_dict(),
+        trigger=plan_.trigger.to_dict(),
+        airflow_run=airflow_run,
+    )
+
+
+def production_extra(trained: dict, airflow_run: str) -> dict:
+    """What the production-model asset event carries: the lineage from upload to version."""
+    return {
+        "pipeline": trained["pipeline"],
+        "model_name": trained["model_name"],
+        "version": trained["version"],
+        "run_id": trained["run_id"],
+        "dataset": trained["upload"],  # the upload that trained it (core/upload.py)
+        "metrics": trained["metrics"],
+        "reason": trained["reason"],
+        "airflow_run": airflow_run,
+    }
+
+
+def _asset_events(events) -> list[dict]:
+    """Asset events as the ledger reads them: {id, timestamp (ISO), extra}, oldest first."""
+    found = [{"id": e.id, "timestamp": e.timestamp.isoformat(), "extra": dict(e.extra or {})} for e in events]
+    return sorted(found, key=lambda e: (parse_time(e["timestamp"]), e["id"]))
+
+
+def account(pipeline_name: str, airflow_run: str, planned: dict | None, inlet_events, dataset_asset) -> dict:
+    """Write the uploads ledger on this run's MLflow run (training/ledger.py), whatever happened.
+
+    Attempts killed mid-way end FAILED. A run that failed before deciding anything accounts for
+    nothing: its uploads stay pending, and the reconciler starts another run for them. The dataset
+    asset's events come from Airflow itself (the Task SDK's inlet events).
+    """
+    settings = Settings.load()
+    pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
+    with MlflowAPI.connect(settings) as mlflow:
+        runs = mlflow.search_runs(pipeline.name, schema.tag_filter(schema.AIRFLOW_RUN, airflow_run))
+        for run in runs:
+            if run["info"]["status"] == "RUNNING":
+                mlflow.set_tags(run["info"]["run_id"], {schema.REASON: "killed before it finished"})
+                mlflow.end_run(run["info"]["run_id"], "FAILED")
+        records = [(run, schema.RunRecord.from_tags(run["data"]["tags"])) for run in runs]
+        trained = next((r for r, rec in records if r["info"]["status"] == "FINISHED" and rec.decision), None)
+        rejected = next((r for r, rec in records if rec.status == schema.REJECTED), None)
+        failed = next((r for r, rec in records if rec.status == schema.FAILED), None)
+        if planned is None:
+            return _nothing(f"{airflow_run} has no plan: its uploads stay pending")
+        plan_ = planning.Plan.from_dict(planned)
+        if plan_.trigger.manual:
+            return _nothing("a hand-triggered run: uploads are accounted for by the runs they trigger")
+        if plan_.skip and plan_.decided:
+            outcome, by, target = plan_.decided, plan_.trained_by, None  # what that earlier run did
+        elif plan_.skip:
+            outcome, by, target = "", f"nothing trained: {plan_.skip}", None
+        elif trained is not None:
+            outcome, by, target = "trained", trained["info"]["run_id"], trained
+        elif rejected is not None:
+            outcome, by, target = "rejected", rejected["info"]["run_id"], rejected
+        elif failed is not None:  # every attempt failed (the last one recorded why): not retried for ever
+            outcome, by, target = "failed", failed["info"]["run_id"], failed
+        else:
+            return _nothing(f"{airflow_run} failed before a decision: its uploads stay pending")
+        mark = ledger.watermark(mlflow, pipeline)
+        accessor = inlet_events[dataset_asset].ascending(True).limit(ledger.MAX_EVENTS + 50)
+        if mark is not None:
+            accessor = accessor.after(parse_time(mark.timestamp))
+        events = [e for e in _asset_events(accessor) if ledger.after(e, mark)][: ledger.MAX_EVENTS]
+        planned_upload = plan_.upload if outcome else None
+        entries, new_mark = ledger.account(events, planned_upload, parse_time(plan_.planned_at), outcome, by)
+        if not entries:
+            return _nothing("no upload waits to be accounted for")
+        if target is None:
+            record = schema.RunRecord(
+                pipeline.name, airflow_run=airflow_run, decision=schema.SKIPPED, reason=plan_.skip
+            )
+            target = mlflow.create_run(pipeline.name, f"account-{pipeline.name}", record.tags())
+            mlflow.end_run(target["info"]["run_id"], "FINISHED")
+        ledger.record(mlflow, target, entries, new_mark)
+    for entry in entries:
+        log.info("upload %s (version %s): %s (%s)", entry.key, entry.version_id, entry.role, entry.by)
+    counts = {role: sum(e.role == role for e in entries) for role in schema.LEDGER_ROLES}
+    return {"mlflow_run": target["info"]["run_id"], "accounted": len(entries), **counts}
+
+
+def _nothing(reason: str) -> dict:
+    log.info("nothing accounted: %s", reason)
+    return {"accounted": 0, "reason": reason}
+
+
+def newest_production(triggering_asset_events) -> dict:
+    """The latest word on what production is (a promotion's or a rollback's production-model event)."""
+    found = [e for events in (triggering_asset_events or {}).values() for e in events if "version" in (e.extra or {})]
+    if not found:
+        raise ValueError("deploy needs a production-model event (it runs after a promotion or a rollback)")
+    return dict(max(found, key=lambda e: e.timestamp).extra)
+
+
+def build(pipeline_name: str, production: dict) -> dict:
+    built = step(Settings.load(), BUILD, pipeline=pipeline_name, version=str(production["version"]))
+    # The rollout says so when what it rolls out is a rollback.
+    return {**built, "rollback_from": production.get("rollback_from") or ""}
+
+
+def rollout(pipeline_name: str, built: dict) -> dict:
+    settings = Settings.load()
+    pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
+    d = serving.rollout(settings, pipeline, built["version"], built["bento_tag"], log=log.info)
+    if built.get("rollback_from"):
+        summary = f"{pipeline_name} rolled back from v{built['rollback_from']} to v{d.version}: now serving"
+        labels = {"pipeline": pipeline_name, "severity": "info", "version": d.version}
+        alerts.notify(settings, [alerts.alert("airflow", "Flywheel: rollback", summary, labels, status="resolved")])
+    return {
+        "pipeline": d.pipeline,
+        "version": d.version,
+        "bento_tag": d.bento_tag,
+        "colour": d.colour,
+        "url": f"{settings.predict_url}/{d.pipeline}/predict",
+    }

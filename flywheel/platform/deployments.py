@@ -1,0 +1,119 @@
+"""Deployments: what serves each pipeline (one record per pipeline) and the replica groups that do it.
+
+A deployment is one colour's replicas of one Bento, each a supervisord program pinned to a core,
+behind Nginx. serving/rollout.py decides what to deploy and when to switch; this module starts and
+stops the replicas and keeps the records routes.py points Nginx and Prometheus at.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from flywheel.core.settings import Settings
+from flywheel.platform import supervisor
+
+COLOURS = ("blue", "green")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What serves a pipeline: one colour's replicas of one bento, behind Nginx since `deployed_at`."""
+
+    pipeline: str
+    version: str
+    bento_tag: str
+    colour: str
+    ports: tuple[int, ...]
+    deployed_at: float
+
+    @property
+    def group(self) -> str:
+        return group_name(self.pipeline, self.colour)
+
+    @property
+    def programs(self) -> list[str]:
+        """Its replicas as supervisord names them (group:program)."""
+        return [f"{self.group}:{replica_name(self.pipeline, self.colour, i)}" for i in range(len(self.ports))]
+
+
+def group_name(pipeline: str, colour: str) -> str:
+    """The supervisord group of one colour's replicas."""
+    return f"bento-{pipeline}-{colour}"
+
+
+def replica_name(pipeline: str, colour: str, replica: int) -> str:
+    return f"{group_name(pipeline, colour)}-{replica}"
+
+
+def _folder(settings: Settings) -> Path:
+    return settings.state / "deployments"
+
+
+def _read(path: Path) -> Deployment:
+    record = json.loads(path.read_text())
+    record["ports"] = tuple(record.get("ports") or [record.pop("port")])  # records before replicas
+    record.pop("port", None)
+    return Deployment(**record)
+
+
+def current(settings: Settings, pipeline: str) -> Deployment | None:
+    path = _folder(settings) / f"{pipeline}.json"
+    return _read(path) if path.exists() else None
+
+
+def all_current(settings: Settings) -> list[Deployment]:
+    """Every pipeline's live deployment, whether or not its pipeline file still exists."""
+    return [_read(path) for path in sorted(_folder(settings).glob("*.json"))]
+
+
+def record(settings: Settings, pipeline: str, deployment: Deployment | None) -> None:
+    """What serves the pipeline from now on (None: nothing). routes.sync makes Nginx follow."""
+    path = _folder(settings) / f"{pipeline}.json"
+    if deployment is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(deployment)))
+    os.replace(tmp, path)
+
+
+def listen_address(host: str) -> str:
+    """Where a Bento listens: `host` itself if it is an IP address (embedded mode's 127.0.0.1), else
+    every interface. BentoML takes only addresses; a host name is compose's `serving`, the container
+    the Bento runs in, whose other servers listen on every interface too."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "0.0.0.0"
+    return host
+
+
+def start_replicas(settings: Settings, pipeline: str, colour: str, bento_tag: str, ports: list[int]) -> None:
+    """One supervisord program per replica, each pinned to its own core, started together as a group."""
+    group = group_name(pipeline, colour)
+    sections: supervisor.Sections = {}
+    names = []
+    for i, port in enumerate(ports):
+        command = [
+            str(settings.venv_ml / "bin" / "bentoml"),
+            "serve",
+            bento_tag,
+            "--host",
+            listen_address(settings.host),
+            "--port",
+            str(port),
+        ]
+        name = replica_name(pipeline, colour, i)
+        env = {**settings.serving_env(), "FLYWHEEL_REQUEST_LOG": str(settings.logs / f"{name}.requests.log")}
+        sections.update(supervisor.program(settings, name, command, env, priority=200, cpus=supervisor.cpus_for(i)))
+        names.append(name)
+    supervisor.add_group(settings, group, {**sections, **supervisor.group(group, names)})
+
+
+def stop_replicas(settings: Settings, pipeline: str, colour: str) -> None:
+    supervisor.remove_group(settings, group_name(pipeline, colour))

@@ -1,0 +1,126 @@
+"""Provision: what the services must hold before the platform uses them, set up idempotently at every `up`.
+
+MinIO's buckets, versioning, upload notification and the platform's least-privilege identity;
+MLflow's service account and its rights; Airflow's logins (people, the events bridge, the CLI),
+each with the least role that does its job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import httpx
+
+from flywheel.clients import objectstore
+from flywheel.core.settings import (
+    AIRFLOW_USERS,
+    ML_ACCESS_KEY,
+    MLFLOW_ADMIN_USER,
+    MLFLOW_SERVICE_USER,
+    Settings,
+    write_private,
+)
+from flywheel.platform.topology import WEBHOOK_ID
+
+UPLOAD_EVENTS = [
+    "s3:ObjectCreated:Put",
+    "s3:ObjectCreated:Post",
+    "s3:ObjectCreated:Copy",
+    "s3:ObjectCreated:CompleteMultipartUpload",
+]
+
+
+class ProvisionError(RuntimeError):
+    """A service refused to be set up; the message says which and why."""
+
+
+def ml_policy(settings: Settings) -> dict:
+    """What the platform's MinIO identity may do: read datasets, read and write MLflow's artifacts."""
+    datasets, artifacts = settings.datasets_bucket, settings.mlflow_bucket
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketVersions"],
+                "Resource": [f"arn:aws:s3:::{datasets}"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:GetObjectVersion"],
+                "Resource": [f"arn:aws:s3:::{datasets}/*"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:*"],
+                "Resource": [f"arn:aws:s3:::{artifacts}", f"arn:aws:s3:::{artifacts}/*"],
+            },
+        ],
+    }
+
+
+def buckets(settings: Settings) -> None:
+    """Buckets, versioning, the webhook notification and the platform's own MinIO identity (with
+    only the rights it needs)."""
+    from minio import MinioAdmin
+    from minio.commonconfig import ENABLED
+    from minio.credentials import StaticProvider
+    from minio.error import MinioAdminException
+    from minio.notificationconfig import NotificationConfig, QueueConfig
+    from minio.versioningconfig import VersioningConfig
+
+    root = settings.secrets["MINIO_ROOT_USER"], settings.secrets["MINIO_ROOT_PASSWORD"]
+    admin = MinioAdmin(endpoint=settings.minio_endpoint, credentials=StaticProvider(*root), secure=False)
+    admin.policy_add(ML_ACCESS_KEY, policy=ml_policy(settings))
+    admin.user_add(ML_ACCESS_KEY, settings.secrets["FLYWHEEL_ML_SECRET_KEY"])
+    with contextlib.suppress(MinioAdminException):  # attached at an earlier `up`
+        admin.attach_policy([ML_ACCESS_KEY], user=ML_ACCESS_KEY)
+    client = objectstore.client(settings, root=True)
+    for bucket in (settings.datasets_bucket, settings.mlflow_bucket):
+        if not client.bucket_exists(bucket):
+            client.make_bucket(bucket)
+    client.set_bucket_versioning(settings.datasets_bucket, VersioningConfig(ENABLED))
+    arn = f"arn:minio:sqs::{WEBHOOK_ID}:webhook"
+    client.set_bucket_notification(
+        settings.datasets_bucket,
+        NotificationConfig(
+            # New objects only: tagging an object (s3:ObjectCreated:PutTagging) is no upload.
+            queue_config_list=[QueueConfig(queue=arn, events=UPLOAD_EVENTS, config_id="flywheel")]
+        ),
+    )
+
+
+def mlflow_accounts(settings: Settings) -> None:
+    """MLflow's service account for the platform, with rights on every experiment and model.
+
+    The server's basic-auth app creates the `admin` login (for people) from MLFLOW_AUTH_ADMIN_PASSWORD.
+    """
+    auth = (MLFLOW_ADMIN_USER, settings.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    with httpx.Client(base_url=settings.mlflow_url, auth=auth, timeout=30) as mlflow:
+        user = {"username": MLFLOW_SERVICE_USER, "password": settings.secrets["MLFLOW_TRACKING_PASSWORD"]}
+        r = mlflow.post("/api/2.0/mlflow/users/create", json=user)
+        if r.status_code >= 300 and "already exists" not in r.text.lower():
+            raise ProvisionError(f"MLflow did not create its service account: HTTP {r.status_code}: {r.text[:200]}")
+        if r.status_code >= 300:  # keep it in step with .env
+            r = mlflow.patch("/api/2.0/mlflow/users/update-password", json=user)
+            if r.status_code >= 300:
+                raise ProvisionError(f"MLflow kept the service account's old password: HTTP {r.status_code}")
+        for resource in ("experiment", "registered_model"):
+            grant = {
+                "username": MLFLOW_SERVICE_USER,
+                "resource_type": resource,
+                "resource_id": "*",
+                "permission": "MANAGE",
+            }
+            r = mlflow.post("/api/3.0/mlflow/users/permissions/grant", json=grant)
+            if r.status_code >= 300 and "exist" not in r.text.lower():
+                raise ProvisionError(
+                    f"MLflow refused the service account's rights: HTTP {r.status_code}: {r.text[:200]}"
+                )
+
+
+def airflow_logins(settings: Settings) -> None:
+    """The simple auth manager's password file: one login per user of AIRFLOW_USERS (read at start)."""
+    passwords = {user.name: settings.secrets[user.secret] for user in AIRFLOW_USERS}
+    write_private(settings.airflow_home / "passwords.json", json.dumps(passwords) + "\n")

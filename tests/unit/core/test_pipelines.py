@@ -1,0 +1,112 @@
+"""Pipeline files: the shipped ones load; mistakes name the file and the field."""
+
+from pathlib import Path
+
+import pytest
+
+from flywheel.core import pipelines
+from flywheel.core.settings import REPO_ROOT
+
+GOOD = """
+name: demo
+format: csv
+task: classification
+target: y
+features: [a, b]
+framework: xgboost
+metric: accuracy
+"""
+
+
+IMAGE = """
+name: demo
+format: idx
+task: classification
+image: {shape: [8, 8], max_value: 16}
+framework: tensorflow
+metric: accuracy
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_pipelines_load():
+    loaded, errors = pipelines.load_all(REPO_ROOT / "pipelines")
+    assert errors == []
+    iris = next(p for p in loaded if p.name == "iris")
+    assert iris.dataset_uri == "s3://datasets/iris"
+    assert iris.model_uri == "model://iris/production"
+    assert len(iris.features) == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GOOD.replace("target: y\n", ""), "missing required field 'target'"),
+        (GOOD.replace("task: classification", "task: clustering"), "field 'task' is 'clustering'"),
+        (GOOD.replace("features: [a, b]", "features: []"), "field 'features'"),
+        (GOOD.replace("framework: xgboost", "framework: pytorch"), "field 'framework' is 'pytorch'"),
+        (GOOD.replace("framework: xgboost", "framework: tensorflow"), "framework 'tensorflow' trains image formats"),
+        (GOOD.replace("metric: accuracy", "metric: rmse"), "field 'metric' is 'rmse'"),
+        (GOOD.replace("features: [a, b]", "features: [a, y]"), "also listed in 'features'"),
+        (GOOD + "holdout: {fraction: 1.5}\n", "holdout.fraction"),
+        (GOOD + "holdout: {object: other/x.csv}\n", "holdout.object"),
+        (GOOD + "gate: {floor: high}\n", "gate.floor"),
+        (GOOD + "gate: {margin: -1}\n", "gate.margin"),
+        (GOOD + "validation: {min_class_fraction: 0.9}\n", "validation.min_class_fraction"),
+        (GOOD + "epochs: 3\n", "unknown field(s) epochs"),
+        (IMAGE.replace("shape: [8, 8]", "shape: [8]"), "image.shape"),
+        (IMAGE.replace("framework: tensorflow", "framework: xgboost"), "framework 'xgboost' trains table formats"),
+        ("name: [unclosed", "not valid YAML"),
+        ("- a list", "expected a mapping"),
+    ],
+)
+def test_mistakes_name_file_and_field(tmp_path, text, message):
+    path = write(tmp_path, "demo", text)
+    with pytest.raises(pipelines.PipelineError) as err:
+        pipelines.load(path)
+    assert "demo.yaml" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_shipped_pipelines_cover_tables_regression_and_images():
+    loaded = {p.name: p for p in pipelines.load_all(REPO_ROOT / "pipelines")[0]}
+    assert loaded["diabetes"].task == "regression" and not loaded["diabetes"].higher_is_better
+    assert loaded["digits"].framework == "tensorflow" and loaded["digits"].image_shape == (8, 8)
+
+
+def test_idx_sets_train_on_their_marker_only(tmp_path):
+    idx = pipelines.load(write(tmp_path, "demo", IMAGE))
+    assert not idx.triggers("demo/set1/train-images-idx3-ubyte.gz")
+    assert not idx.triggers("demo/set1/train-labels-idx1-ubyte.gz")
+    assert idx.triggers("demo/set1/_SUCCESS")
+    csv = pipelines.load(write(tmp_path, "demo", GOOD + "holdout: {object: demo/holdout.csv}\n"))
+    assert csv.triggers("demo/new.csv")
+    assert not csv.triggers("demo/holdout.csv")  # the fixed holdout is not a training set
+
+
+def test_name_must_match_file(tmp_path):
+    with pytest.raises(pipelines.PipelineError, match="file is named 'other'"):
+        pipelines.load(write(tmp_path, "other", GOOD))
+
+
+def test_a_broken_file_does_not_hide_the_others(tmp_path):
+    write(tmp_path, "demo", GOOD)
+    write(tmp_path, "broken", "name: broken\n")
+    loaded, errors = pipelines.load_all(tmp_path)
+    assert [p.name for p in loaded] == ["demo"]
+    assert len(errors) == 1 and "broken.yaml" in str(errors[0])
+
+
+def test_serving_replicas_default_to_two_and_are_bounded(tmp_path):
+    assert pipelines.load(write(tmp_path, "demo", GOOD)).replicas == 2
+    assert pipelines.load(write(tmp_path, "demo", GOOD + "serving: {replicas: 3}\n")).replicas == 3
+    for bad in ("0", "9", "1.5", "two"):
+        with pytest.raises(pipelines.PipelineError, match=r"serving\.replicas"):
+            pipelines.load(write(tmp_path, "demo", GOOD + f"serving: {{replicas: {bad}}}\n"))
+    with pytest.raises(pipelines.PipelineError, match=r"serving\.replica"):
+        pipelines.load(write(tmp_path, "demo", GOOD + "serving: {replica: 2}\n"))

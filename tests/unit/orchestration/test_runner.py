@@ -1,0 +1,114 @@
+"""The runner: where a step runs changes nothing about the DAGs or about how its result comes back."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from flywheel.core.settings import REPO_ROOT, Settings
+from flywheel.core.steps import FAILED, OK, REJECTED, StepSpec
+from flywheel.orchestration import runner
+
+STEP = """
+import sys, time
+from flywheel.core import steps
+from flywheel.core.errors import DatasetInvalid
+
+def fake(outcome: str, rows: int = 0) -> dict:
+    print("working on it", flush=True)
+    if outcome == "reject":
+        raise DatasetInvalid("x.csv: 3 rows, need at least 20 (rule: minimum rows)")
+    if outcome == "crash":
+        raise ConnectionError("MLflow went away")
+    if outcome == "die":
+        import os, signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"rows": rows}
+
+if __name__ == "__main__":
+    sys.exit(steps.main(fake))
+"""
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """A stack whose ML venv's python is this one, with a fake step module on its path."""
+    bin_dir = tmp_path / "repo" / ".venv" / "ml" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").symlink_to(sys.executable)
+    (tmp_path / "fake_step.py").write_text(textwrap.dedent(STEP))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO_ROOT)]))
+    return Settings.load({"FLYWHEEL_REPO": str(tmp_path / "repo"), "MINIO_ROOT_USER": "u", "MINIO_ROOT_PASSWORD": "p"})
+
+
+def test_a_step_command_names_its_arguments_and_result_file():
+    spec = StepSpec("flywheel.training.train", {"pipeline": "iris", "upload": {"key": "iris/a b.csv"}})
+    command = spec.command("/tmp/r.json", "/venv/ml/bin/python")
+    assert command[:3] == ["/venv/ml/bin/python", "-m", "flywheel.training.train"]
+    assert command[3:] == [
+        "--args",
+        '{"pipeline": "iris", "upload": {"key": "iris/a b.csv"}}',
+        "--result",
+        "/tmp/r.json",
+    ]
+
+
+def test_the_local_runner_reads_the_result_file_not_the_output(settings, capsys):
+    result = runner.run(settings, StepSpec("fake_step", {"outcome": "ok", "rows": 150}), "local")
+    assert (result.status, result.payload) == (OK, {"rows": 150})
+    assert "working on it" in capsys.readouterr().out  # the step's output went to the task log
+
+
+def test_a_rejection_is_a_result_with_its_reason(settings):
+    result = runner.run(settings, StepSpec("fake_step", {"outcome": "reject"}), "local")
+    assert result.status == REJECTED
+    assert result.reason == "x.csv: 3 rows, need at least 20 (rule: minimum rows)"
+
+
+def test_an_error_is_a_failure_a_retry_may_fix(settings):
+    result = runner.run(settings, StepSpec("fake_step", {"outcome": "crash"}), "local")
+    assert result.status == FAILED and "ConnectionError: MLflow went away" in result.reason
+
+
+def test_a_step_killed_before_writing_its_result_has_failed(settings):
+    result = runner.run(settings, StepSpec("fake_step", {"outcome": "die"}), "local")
+    assert result.status == FAILED
+    assert "exited -9 without writing its result" in result.reason and "working on it" in result.reason
+
+
+def test_containers_get_the_services_but_no_path_of_this_machine(settings):
+    env = runner.container_env(settings)
+    assert env["MLFLOW_TRACKING_URI"] == settings.mlflow_url
+    assert env["AWS_ACCESS_KEY_ID"] == "flywheel-ml"
+    # The state folder is a volume there too; the repo and the venvs are the image's own.
+    paths = {k: v for k, v in env.items() if v.startswith("/")}
+    assert paths and all(v.startswith(str(settings.state)) for v in paths.values()), paths
+    assert "MINIO_ROOT_PASSWORD" not in env
+
+
+def test_unknown_backend_is_refused(monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_RUNNER", "ssh")
+    with pytest.raises(ValueError, match="local, docker, kubernetes"):
+        runner.backend()
+
+
+def _graph(backend: str) -> str:
+    code = (
+        "import sys; sys.path.insert(0, 'dags'); import flywheel_pipelines as m;"
+        "print(sorted(f'{d.dag_id}.{t.task_id}:{type(t).__name__}:{sorted(t.downstream_task_ids)}'"
+        " for d in (m.train_iris, m.deploy_iris) for t in d.tasks))"
+    )
+    env = {**os.environ, "FLYWHEEL_RUNNER": backend}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True, env=env
+    ).stdout
+
+
+def test_every_runner_gets_the_same_dags():
+    """The runner decides where a step runs, never which tasks exist."""
+    local = _graph("local")
+    assert "train_iris.validate:_PythonDecoratedOperator:['train']" in local
+    assert _graph("docker") == local
+    assert _graph("kubernetes") == local

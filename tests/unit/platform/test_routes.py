@@ -1,0 +1,94 @@
+"""Routes: stable port blocks, Nginx routes and upstreams, scrape targets, rewritten live."""
+
+import json
+
+import pytest
+
+from flywheel.core import pipelines
+from flywheel.core.settings import REPO_ROOT, Settings
+from flywheel.platform import routes
+
+IRIS = (REPO_ROOT / "pipelines" / "iris.yaml").read_text()
+
+
+@pytest.fixture
+def settings(tmp_path):
+    (tmp_path / "pipelines").mkdir()
+    return Settings.load(
+        {"FLYWHEEL_STATE_DIR": str(tmp_path / "state"), "FLYWHEEL_PIPELINES_DIR": str(tmp_path / "pipelines")}
+    )
+
+
+def add(settings, name: str) -> None:
+    (settings.pipelines_dir / f"{name}.yaml").write_text(IRIS.replace("name: iris", f"name: {name}"))
+
+
+def deploy_record(settings, name: str, ports: list[int], version: str = "1") -> None:
+    folder = settings.state / "deployments"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        "pipeline": name,
+        "version": version,
+        "bento_tag": f"flywheel-{name}:v{version}",
+        "colour": "blue",
+        "ports": ports,
+        "deployed_at": 0,
+    }
+    (folder / f"{name}.json").write_text(json.dumps(record))
+
+
+def test_a_pipeline_keeps_its_ports_when_one_that_sorts_first_is_added(settings):
+    add(settings, "iris")
+    iris = routes.replica_ports(settings, "iris", "blue", 2)
+    add(settings, "apple")
+    routes.sync(settings, reload=False)
+    apple = routes.replica_ports(settings, "apple", "blue", 2)
+    assert routes.replica_ports(settings, "iris", "blue", 2) == iris
+    assert not set(apple) & set(range(iris[0], iris[0] + routes.BLOCK))
+
+
+def test_colours_and_replicas_of_one_pipeline_never_share_a_port(settings):
+    base = routes.block(settings, "iris")
+    ports = [routes.port(base, c, i) for c in routes.COLOURS for i in range(pipelines.MAX_REPLICAS)]
+    assert len(set(ports)) == len(ports) == routes.BLOCK
+
+
+def test_a_removed_pipeline_keeps_its_route_while_it_serves_and_loses_everything_after(settings):
+    add(settings, "iris")
+    add(settings, "wine")
+    deploy_record(settings, "wine", routes.replica_ports(settings, "wine", "blue", 2))
+    routes.sync(settings, reload=False)
+    (settings.pipelines_dir / "wine.yaml").unlink()
+    routes.sync(settings, reload=False)
+    conf = (settings.state / "nginx" / "routes.conf").read_text()
+    assert "wine serving;" in conf and "iris waiting;" in conf
+    (settings.state / "deployments" / "wine.json").unlink()  # retired
+    assert routes.sync(settings, reload=False)
+    conf = (settings.state / "nginx" / "routes.conf").read_text()
+    assert "wine" not in conf
+    assert not (settings.state / "nginx" / "upstreams" / "wine.conf").exists()
+    assert not (settings.state / "prometheus" / "targets" / "wine.json").exists()
+    assert "wine" not in routes.assigned(settings)
+    assert not routes.sync(settings, reload=False), "nothing changed, nothing rewritten"
+
+
+def test_upstream_balances_replicas_and_targets_label_each(settings):
+    add(settings, "iris")
+    deploy_record(settings, "iris", [3100, 3101], version="7")
+    routes.sync(settings, reload=False)
+    upstream = (settings.state / "nginx" / "upstreams" / "iris.conf").read_text()
+    assert "least_conn;" in upstream and "127.0.0.1:3100 " in upstream and "127.0.0.1:3101 " in upstream
+    targets = json.loads((settings.state / "prometheus" / "targets" / "iris.json").read_text())
+    assert [t["labels"]["replica"] for t in targets] == ["0", "1"]
+    assert {t["labels"]["model_version"] for t in targets} == {"7"}
+
+
+def test_the_body_limit_admits_the_largest_legal_request_of_every_pipeline():
+    iris = pipelines.load(REPO_ROOT / "pipelines" / "iris.yaml")
+    rows = [{name: -1.2345678901234567e-308 for name in iris.features}] * 1000  # the Bentos' limit
+    body = json.dumps({"inputs": rows})
+    assert len(body) <= iris.plugin.largest_request(iris) <= routes.body_limit([iris])
+    digits = pipelines.load(REPO_ROOT / "pipelines" / "digits.yaml")
+    h, w = digits.image_shape
+    images = [[[-1.2345678901234567e-308] * w] * h] * 256
+    assert len(json.dumps({"inputs": images})) <= digits.plugin.largest_request(digits)
