@@ -48,6 +48,16 @@ class MlflowAPI:
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self._call("POST", "/registered-models/alias", json={"name": name, "alias": alias, "version": version})
 
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._call("DELETE", "/registered-models/alias", json={"name": name, "alias": alias})
+
+    def versions(self, name: str) -> list[dict]:
+        """Every version of a registered model, newest first, each with its tags as a dict."""
+        found = self._call(
+            "GET", "/model-versions/search", params={"filter": f"name='{name}'", "max_results": 10000}
+        ).get("model_versions", [])
+        return sorted((_tags(v) for v in found), key=lambda v: int(v["version"]), reverse=True)
+
     def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
         self._call(
             "POST", "/model-versions/set-tag", json={"name": name, "version": version, "key": key, "value": value}

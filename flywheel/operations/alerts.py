@@ -6,8 +6,10 @@ Two sources, one path:
 - Airflow's failure callback (a rejected dataset, a failed deploy) and the rollout of a rollback call
   `notify` from the task itself.
 Every alert is written to the state folder (`alerts/`, one private file each) and, if
-FLYWHEEL_ALERT_WEBHOOK is set in `.env`, POSTed there as `{"alerts": [...]}`. `flywheel status`
-lists what fired.
+FLYWHEEL_ALERT_WEBHOOK is set in `.env`, POSTed there as `{"alerts": [...]}`. Nothing is lost while
+the webhook is down: Alertmanager's alerts are answered 503 by the bridge, so Alertmanager retries;
+Airflow's are tried a few times, then wait in `alerts/outbox/` with the error until the bridge
+delivers them. `flywheel status` lists what fired and what waits.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import datetime
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import httpx
@@ -24,6 +27,7 @@ from flywheel.core.settings import Settings, write_private
 
 log = logging.getLogger(__name__)
 RECENT = datetime.timedelta(hours=24)
+SEND_TRIES = 3  # the webhook is tried this often (1 s, then 2 s apart) before an alert waits in the outbox
 
 
 def folder(settings: Settings) -> Path:
@@ -79,20 +83,79 @@ def record(settings: Settings, alerts: list[dict]) -> list[Path]:
     return paths
 
 
+def _post(settings: Settings, alerts: list[dict]) -> str:
+    """POST to the webhook: "" if it took them, else why not."""
+    try:
+        httpx.post(settings.alert_webhook, json={"alerts": alerts}, timeout=5).raise_for_status()
+        return ""
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def forward(settings: Settings, alerts: list[dict], tries: int = SEND_TRIES) -> str:
+    """POST the alerts to FLYWHEEL_ALERT_WEBHOOK, a few times with a backoff: "" once delivered (or with
+    no webhook set), else the last error."""
+    error = ""
+    for attempt in range(tries if settings.alert_webhook else 0):
+        if not (error := _post(settings, alerts)):
+            return ""
+        if attempt + 1 < tries:
+            time.sleep(2**attempt)
+    return error
+
+
 def notify(settings: Settings, alerts: list[dict]) -> bool:
-    """Record the alerts, and POST them to FLYWHEEL_ALERT_WEBHOOK if one is set. True if delivered."""
+    """Record the alerts and forward them; what the webhook did not take waits in the outbox, with its
+    error, for the events bridge to send again (`resend`). True if delivered now."""
     if not alerts:
         return False
     record(settings, alerts)
     if not settings.alert_webhook:
         return False
-    try:
-        r = httpx.post(settings.alert_webhook, json={"alerts": alerts}, timeout=5)
-        r.raise_for_status()
-        return True
-    except httpx.HTTPError as exc:  # recorded all the same; the webhook's owner sees the gap
-        log.warning("alert webhook %s: %s", settings.alert_webhook.split("?")[0], exc)
+    if error := forward(settings, alerts):
+        log.warning("alert webhook %s: %s; kept in the outbox", settings.alert_webhook.split("?")[0], error)
+        keep(settings, alerts, error)
         return False
+    return True
+
+
+def keep(settings: Settings, alerts: list[dict], error: str) -> Path:
+    """Alerts the webhook did not take, with the error, until `resend` delivers them (mode 600)."""
+    target = outbox(settings)
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    digest = hashlib.sha256(json.dumps(alerts, sort_keys=True).encode()).hexdigest()[:10]
+    path = target / f"{now()[:19].replace(':', '')}-{digest}.json"
+    write_private(path, json.dumps({"error": error, "at": now(), "alerts": alerts}, indent=1))
+    return path
+
+
+def outbox(settings: Settings) -> Path:
+    return folder(settings) / "outbox"
+
+
+def waiting(settings: Settings) -> list[dict]:
+    """What waits in the outbox, oldest first: {"error", "at", "alerts", "file"}."""
+    found = []
+    for path in sorted(outbox(settings).glob("*.json")):
+        try:
+            found.append({**json.loads(path.read_text()), "file": str(path)})
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def resend(settings: Settings) -> tuple[int, int]:
+    """Try the outbox once, oldest first, stopping at the first failure: (sent, still waiting)."""
+    pending = waiting(settings)
+    sent = 0
+    for entry in pending:
+        if error := _post(settings, entry["alerts"]):
+            entry["error"] = error
+            write_private(Path(entry.pop("file")), json.dumps(entry, indent=1))
+            break
+        Path(entry["file"]).unlink(missing_ok=True)
+        sent += 1
+    return sent, len(pending) - sent
 
 
 def task_failed(context) -> None:

@@ -68,6 +68,37 @@ def mark(settings: Settings, pipeline: str, version: str, state: str, reason: st
             mlflow.set_version_tag(pipeline, version, key, value)
 
 
+def aliases_follow_what_serves(settings: Settings, pipeline: Pipeline, failed: str, live: Deployment | None) -> str:
+    """After a failed rollout, MLflow's aliases say what serves: `production` goes back to the live
+    version (or, with nothing live, away), and `previous` to the newest version retired before it.
+    Nothing changes if `production` no longer names the failed version (a rollback moved it). Says what moved.
+    """
+    name = pipeline.model_name
+    with MlflowAPI.connect(settings) as mlflow:
+        if mlflow.version_by_alias(name, schema.PRODUCTION) != str(failed):
+            return ""
+        if live is None:
+            mlflow.delete_alias(name, schema.PRODUCTION)
+            return f"`{schema.PRODUCTION}` removed: nothing serves"
+        mlflow.set_alias(name, schema.PRODUCTION, live.version)
+        moved = f"`{schema.PRODUCTION}` back to v{live.version}, which serves"
+        if mlflow.version_by_alias(name, schema.PREVIOUS) == live.version:
+            older = next(
+                (
+                    v["version"]
+                    for v in mlflow.versions(name)
+                    if int(v["version"]) < int(live.version) and v["tags"].get(schema.DEPLOYMENT) == schema.RETIRED
+                ),
+                None,
+            )
+            if older is None:
+                mlflow.delete_alias(name, schema.PREVIOUS)
+            else:
+                mlflow.set_alias(name, schema.PREVIOUS, older)
+            moved += f", `{schema.PREVIOUS}` to {f'v{older}' if older else 'none'}"
+        return moved
+
+
 def switch(settings: Settings, pipeline: str, deployment: Deployment | None) -> None:
     """What serves the pipeline from now on: its record, then Nginx's routes and the scrape targets."""
     deployments.record(settings, pipeline, deployment)
@@ -108,6 +139,8 @@ def rollout(
         deployments.stop_replicas(settings, pipeline.name, colour)
         reason = f"{pipeline.name} v{version} not deployed, {keeps}: {exc}"
         mark(settings, pipeline.name, version, schema.DEPLOY_FAILED, reason)
+        if moved := aliases_follow_what_serves(settings, pipeline, str(version), live):
+            reason += f"; {moved}"
         raise DeployFailed(reason) from exc
     mark(settings, pipeline.name, version, schema.SERVING, f"{group} on ports {list(ports)} since {time.ctime()}")
     if live is not None and live.colour != colour:

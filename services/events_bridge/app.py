@@ -1,4 +1,4 @@
-"""Events bridge: MinIO bucket notifications in, Airflow asset events out; and two control loops.
+"""Events bridge: MinIO bucket notifications in, Airflow asset events out; and its control loops.
 
 MinIO keeps every notification in its queue dir until this endpoint answers 2xx, and retries it,
 one at a time, ahead of every later upload. So the answer depends on whether a retry can help:
@@ -7,12 +7,13 @@ one at a time, ahead of every later upload. So the answer depends on whether a r
 - 200 for what a retry cannot fix, written first as a dead letter with the reason
   (flywheel/operations/deadletter.py): an upload outside any pipeline's folder, an Airflow 4xx.
 
-Two control loops run here too, every RECONCILE_SECONDS:
+Control loops run here too, every RECONCILE_SECONDS:
 - routes (flywheel/platform/routes.py): a pipeline file added or removed is routed or unrouted by Nginx
   without a restart;
 - the reconciler (flywheel/training/ledger.py): an upload no training run has accounted for, with no run
   queued or running, gets its asset event again, so the newest upload always ends up trained even
-  when Airflow dropped the event's trigger or a run crashed.
+  when Airflow dropped the event's trigger or a run crashed;
+- the alert outbox: alerts a task could not deliver to the webhook are sent again until it takes them.
 """
 
 from __future__ import annotations
@@ -131,12 +132,20 @@ async def _signed_body(request: Request, authorization: str | None) -> dict:
 
 @app.post("/alerts")
 async def alerts_in(request: Request, authorization: str | None = Header(default=None)) -> dict:
-    """Alertmanager's webhook: record each alert, forward it to FLYWHEEL_ALERT_WEBHOOK (operations/alerts.py)."""
+    """Alertmanager's webhook: forward each alert to FLYWHEEL_ALERT_WEBHOOK and record it (operations/alerts.py).
+
+    If the webhook does not take them, 503: Alertmanager keeps them and sends them again.
+    """
     state: BridgeState = request.app.state.bridge
     found = alerts.from_alertmanager(await _signed_body(request, authorization))
-    delivered = await run_in_threadpool(alerts.notify, state.settings, found)
-    log.warning("alerts: %s (forwarded: %s)", ", ".join(f"{a['name']} {a['status']}" for a in found), delivered)
-    return {"received": len(found), "forwarded": delivered}
+    error = await run_in_threadpool(alerts.forward, state.settings, found, 1)
+    names = ", ".join(f"{a['name']} {a['status']}" for a in found)
+    if error:
+        log.warning("alerts: %s not forwarded (Alertmanager retries): %s", names, error)
+        raise HTTPException(status_code=503, detail=f"the alert webhook did not take them: {error}")
+    await run_in_threadpool(alerts.record, state.settings, found)
+    log.warning("alerts: %s (forwarded: %s)", names, bool(state.settings.alert_webhook))
+    return {"received": len(found), "forwarded": bool(state.settings.alert_webhook)}
 
 
 @app.get("/health")
@@ -202,6 +211,10 @@ async def reconcile_forever(state: BridgeState) -> None:
             await run_in_threadpool(reconcile_once, state)
         except Exception as exc:  # MLflow or Airflow away: the next round tries again
             log.warning("reconciler: %s", exc)
+        if state.settings.alert_webhook:  # Airflow's alerts the webhook did not take
+            sent, left = await run_in_threadpool(alerts.resend, state.settings)
+            if sent or left:
+                log.warning("alert outbox: %d sent, %d waiting", sent, left)
 
 
 def reconcile_once(state: BridgeState, now: float | None = None) -> list[str]:

@@ -24,12 +24,18 @@ class AlertInbox(ThreadingHTTPServer):
 
     def __init__(self):
         self.received: list[dict] = []
+        self.down = False  # answer 503 to everything, as a webhook in trouble does
+        self.refused = 0
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(handler):
                 body = handler.rfile.read(int(handler.headers.get("content-length", 0)))
-                self.received.extend(json.loads(body).get("alerts", []))
-                handler.send_response(200)
+                if self.down:
+                    self.refused += 1
+                    handler.send_response(503)
+                else:
+                    self.received.extend(json.loads(body).get("alerts", []))
+                    handler.send_response(200)
                 handler.end_headers()
 
             def log_message(handler, *args):

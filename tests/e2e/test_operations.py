@@ -6,6 +6,7 @@ Trains iris itself if nothing serves it. Alerts arrive at the webhook receiver t
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -196,3 +197,36 @@ def test_an_error_ratio_over_5_percent_fires_an_alert_at_the_webhook(stack_setti
     print(f"\nFlywheelHighErrorRate reached the webhook {time.monotonic() - started:.1f}s after the errors began")
     assert fired["labels"]["pipeline"] == "iris" and "5%" in fired["summary"]
     assert [a for a in alerts.firing(stack_settings) if a["name"] == "FlywheelHighErrorRate"]
+
+
+def test_alerts_wait_while_the_webhook_is_down_and_arrive_when_it_is_back(stack_settings, alert_inbox):
+    """Both paths: Airflow's (a rejected upload's task failure) waits in the outbox; Alertmanager's (an
+    alert posted to Alertmanager itself) is answered 503 by the bridge, so Alertmanager keeps it."""
+    marker = f"e2e-outbox-{int(time.time())}"
+    alert_inbox.down = True
+    try:
+        put(stack_settings, f"iris/{marker}.csv", csv_bytes([r[:4] for r in TRAINING], columns=IRIS_COLUMNS))
+        am = stack_settings.url(stack_settings.ports.alertmanager)
+        synthetic = [{"labels": {"alertname": "FlywheelE2E", "pipeline": "iris", "marker": marker}}]
+        httpx.post(f"{am}/api/v2/alerts", json=synthetic).raise_for_status()
+        waiting = wait_until(
+            lambda: [w for w in alerts.waiting(stack_settings) if marker in json.dumps(w["alerts"])],
+            DEADLINE,
+            "the task failure's alert waiting in the outbox",
+        )
+        assert "503" in waiting[0]["error"]
+        wait_until(lambda: alert_inbox.refused >= 2, 120, "Alertmanager's alert refused at least once")
+        assert not [a for a in alert_inbox.received if marker in json.dumps(a)]
+    finally:
+        alert_inbox.down = False
+    arrived = wait_until(
+        lambda: (
+            (mine := [a for a in alert_inbox.received if marker in json.dumps(a)])
+            and {a["source"] for a in mine} >= {"airflow", "prometheus"}
+            and mine
+        ),
+        180,
+        "both alerts at the webhook once it is back",
+    )
+    assert any(a["name"] == "FlywheelE2E" for a in arrived)
+    assert not [w for w in alerts.waiting(stack_settings) if marker in json.dumps(w["alerts"])], "outbox emptied"

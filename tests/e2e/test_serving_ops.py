@@ -1,11 +1,15 @@
-"""End to end, serving done right: metrics in Prometheus, a failed rollout and a rollback, both under load.
+"""End to end, serving done right: metrics in Prometheus, a failed rollout and a rollback, both under load
+and both through the real deploy DAG.
 
 Trains iris twice itself if it has no `previous` version to roll back to.
 """
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -14,10 +18,10 @@ from flywheel.clients import load as loadgen
 from flywheel.clients.airflow_rest import AirflowAPI
 from flywheel.clients.mlflow_rest import MlflowAPI
 from flywheel.core import pipelines, schema
+from flywheel.operations import lineage, status
 from flywheel.operations.rollback import rollback
-from flywheel.platform import deployments
-from flywheel.serving import rollout as deploy
-from tests.e2e.stack_ops import TRAINING, csv_bytes, put, wait_for_version
+from flywheel.platform import deployments, routes
+from tests.e2e.stack_ops import TRAINING, csv_bytes, finished_run, put, wait_for_version
 
 pytestmark = pytest.mark.e2e
 
@@ -98,24 +102,76 @@ def test_every_metric_dashboards_use_is_scraped(stack_settings):
     assert names >= EXPORTED, f"not scraped: {sorted(EXPORTED - names)}"
 
 
-def test_a_rollout_that_fails_its_smoke_test_keeps_the_old_one_serving(stack_settings):
-    """A Bento that answers wrongly (the live bento, rolled out as if it were `previous`) never takes traffic."""
+class Impostor(ThreadingHTTPServer):
+    """A server on a port the next rollout will start a replica on: ready, but answering as another
+    version. The replica cannot bind the port; the rollout's smoke test meets the impostor instead."""
+
+    def __init__(self, port: int, version: str):
+        class Handler(BaseHTTPRequestHandler):
+            def _send(handler, body: dict) -> None:
+                data = json.dumps(body).encode()
+                handler.send_response(200)
+                handler.send_header("content-type", "application/json")
+                handler.send_header("content-length", str(len(data)))
+                handler.end_headers()
+                handler.wfile.write(data)
+
+            def do_GET(handler):
+                handler._send({"status": "ready"})
+
+            def do_POST(handler):
+                rows = json.loads(handler.rfile.read(int(handler.headers["content-length"])))["inputs"]
+                handler._send({"predictions": ["setosa"] * len(rows), "model": {"version": version}})
+
+            def log_message(handler, *args):
+                pass
+
+        super().__init__(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_a_failed_rollout_keeps_the_old_version_serving_and_mlflow_says_so(stack_settings, api):
+    """Through the real deploy DAG, under load: a promoted version whose replicas do not answer as it
+    never takes traffic, no request fails, and MLflow's aliases, `status` and `lineage` agree with /predict."""
     live = deployments.current(stack_settings, "iris")
-    with MlflowAPI.connect(stack_settings) as mlflow:
-        previous = mlflow.version_by_alias("iris", "previous")
-        assert previous and previous != live.version
-        pipeline = pipelines.get(stack_settings.pipelines_dir, "iris")
-        load = loadgen.start(f"{stack_settings.predict_url}/iris/predict", ROW, connections=4, seconds=25)
-        with pytest.raises(deploy.DeployFailed, match=f"answers as v{live.version}, expected v{previous}"):
-            deploy.rollout(stack_settings, pipeline, previous, live.bento_tag, log=print)
+    idle = "green" if live.colour == "blue" else "blue"
+    pipeline = pipelines.get(stack_settings.pipelines_dir, "iris")
+    impostors = [Impostor(port, live.version) for port in routes.replica_ports(stack_settings, "iris", idle, 2)]
+    load = loadgen.start(f"{stack_settings.predict_url}/iris/predict", ROW, connections=4, seconds=150)
+    try:
+        trains = {r["dag_run_id"] for r in api.dag_runs("train_iris")}
+        deploys = {r["dag_run_id"] for r in api.dag_runs("deploy_iris")}
+        put(stack_settings, "iris/ops-failing-rollout.csv", csv_bytes(TRAINING[7:] + TRAINING[:7]))
+        trained = finished_run(api, "train_iris", trains)
+        assert trained["state"] == "success"
+        with MlflowAPI.connect(stack_settings) as mlflow:
+            [record] = [
+                r["data"]["tags"]
+                for r in mlflow.search_runs("iris", schema.tag_filter(schema.AIRFLOW_RUN, trained["dag_run_id"]))
+                if r["data"]["tags"].get(schema.DECISION) == "promoted"
+            ]
+        promoted = record[schema.MODEL_VERSION]  # the same data ties production and is promoted
+        run = finished_run(api, "deploy_iris", deploys)
+    finally:
+        for impostor in impostors:
+            impostor.shutdown()
+            impostor.server_close()
         stats = loadgen.finish(load)
-        assert stats["failed"] == 0, stats
-        assert served(stack_settings).json()["model"]["version"] == live.version
-        assert deployments.current(stack_settings, "iris") == live
-        tags = mlflow.model_version("iris", previous)["tags"]
+    assert run["state"] == "failed"
+    assert stats["failed"] == 0, stats
+    assert served(stack_settings).json()["model"]["version"] == live.version
+    with MlflowAPI.connect(stack_settings) as mlflow:
+        assert mlflow.version_by_alias("iris", schema.PRODUCTION) == live.version, "production names what serves"
+        assert mlflow.version_by_alias("iris", schema.PREVIOUS) != live.version
+        tags = mlflow.model_version("iris", promoted)["tags"]
         assert tags[schema.DEPLOYMENT] == "failed"
-        assert "smoke test" in tags[schema.DEPLOYMENT_REASON]
+        assert f"answers as v{live.version}, expected v{promoted}" in tags[schema.DEPLOYMENT_REASON]
         assert mlflow.model_version("iris", live.version)["tags"][schema.DEPLOYMENT] == "serving"
+        state = status.pipeline_status(stack_settings, pipeline, mlflow, api)
+    assert state["production"] == state["serving"]["version"] == live.version
+    links = {link["what"]: link for link in lineage.chain(stack_settings, "iris")["links"]}
+    assert links["registered version"]["id"] == f"iris v{live.version}"
+    assert links["deployment"]["facts"]["serving_now"] is True
 
 
 def test_rollback_under_load_serves_previous_with_zero_failed_requests(stack_settings, api):
