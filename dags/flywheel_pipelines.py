@@ -152,7 +152,7 @@ def deploy_dag(p: pipelines.Pipeline) -> DAG:
 
 
 _pipelines, _errors = pipelines.load_all(Settings.load().pipelines_dir)
-for _error in _errors:  # a broken pipeline file is reported and skipped; the others still load
+for _error in _errors.values():  # a broken pipeline file is reported and skipped; the others still load
     logging.getLogger(__name__).error("skipping pipeline: %s", _error)
 for _p in _pipelines:
     globals()[f"train_{_p.name}"] = train_dag(_p)

@@ -13,9 +13,12 @@ from flywheel.clients.api import Client
 from flywheel.clients.mlflow_rest import MlflowAPI
 from flywheel.core import pipelines, schema
 from flywheel.core.settings import AIRFLOW_CLI, Settings
+from flywheel.core.upload import Upload
 from flywheel.core.waiting import WaitTimeout, wait_until
-from flywheel.operations import alerts, deadletter, lineage, metrics, status
+from flywheel.operations import alerts, lineage, metrics, retention, status
+from flywheel.operations.parked import DEAD_LETTERS, HELD
 from flywheel.operations.rollback import RollbackImpossible, rollback
+from flywheel.orchestration import bridge
 from flywheel.platform import stack
 from flywheel.serving import rollout
 from flywheel.training import samples
@@ -61,9 +64,22 @@ def cmd_status(settings: Settings, args) -> int:
                 f"  traffic       {_fmt(m.get('rps'), '.1f')} req/s, errors {_fmt(m.get('error_rate'), '.1%')}, "
                 f"p99 {_fmt(m.get('p99_ms'), '.1f')} ms"
             )
-    known = {p.name for p in pipelines.load_all(settings.pipelines_dir)[0]}
-    unowned = [d for d in deadletter.read_all(settings) if d["upload"].get("pipeline") not in known]
-    print(f"\ndead-lettered uploads outside any pipeline: {len(unowned)}")
+    loaded, broken = pipelines.load_all(settings.pipelines_dir)
+    known = {p.name for p in loaded}
+    held = HELD.read_all(settings)
+    for name, error in broken.items():
+        waiting = [h for h in held if h["upload"].get("pipeline") == name]
+        print(f"\n{name}: BROKEN, its pipeline file does not load; {len(waiting)} upload(s) held until it does")
+        print(f"  {error}")
+    done = {r["store"]: r for r in retention.reports(settings)}
+    print("\nretention (flywheel_retention, hourly; FLYWHEEL_RETENTION_* in .env)")
+    for store, policy in retention.policies(settings.retention).items():
+        last = done.get(store)
+        figures = {k: v for k, v in (last or {}).items() if k not in ("store", "policy", "ran_at")}
+        when = f"last {last['ran_at'][:19]}: {figures}" if last else "not run yet" if store != "prometheus" else ""
+        print(f"  {store:<11} {policy}" + (f"\n              {when}" if when else ""))
+    unowned = [d for d in DEAD_LETTERS.read_all(settings) if d["upload"].get("pipeline") not in known]
+    print(f"\ndead-lettered uploads outside any pipeline: {len(unowned)} (`flywheel deadletter list`)")
     for letter in unowned[-5:]:
         print(f"  {letter['received_at'][:19]}  {letter['upload'].get('key', '?')}: {letter['reason']}")
     return 0 if all(r["state"] == "RUNNING" and r["healthy"] is not False for r in rows) else 1
@@ -165,6 +181,37 @@ def cmd_retire(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_deadletter(settings: Settings, args) -> int:
+    """Dead letters are uploads the user wants back once the cause is fixed: list, replay or drop them."""
+    letters = DEAD_LETTERS.read_all(settings)
+    if args.action == "list":
+        for letter in letters:
+            print(f"{letter['id']}  {letter['upload'].get('key', '?')}  {letter['reason']}")
+        _say(f"{len(letters)} dead letter(s)")
+        return 0
+    chosen = letters if args.all else [d for d in letters if d["id"] in args.ids]
+    missing = set(args.ids) - {d["id"] for d in chosen}
+    if missing or not chosen:
+        _say(f"error: no dead letter {', '.join(sorted(missing)) or '(name some ids, or --all)'}")
+        return 1
+    failed = 0
+    for letter in chosen:
+        upload = Upload.from_dict(letter["upload"])
+        if args.action == "replay":
+            try:
+                with AirflowAPI.connect(settings, AIRFLOW_CLI) as airflow:
+                    event = bridge.emit(airflow, pipelines.get(settings.pipelines_dir, upload.pipeline), upload)
+            except (pipelines.PipelineError, bridge.NotParsedYet, AirflowRejected) as exc:
+                _say(f"{letter['id']}: kept, {exc}")
+                failed += 1
+                continue
+            _say(f"{letter['id']}: {upload.key} replayed as asset event {event['asset_event_id']}")
+        DEAD_LETTERS.remove(settings, letter["id"])
+        if args.action == "drop":
+            _say(f"{letter['id']}: {upload.key} dropped")
+    return 1 if failed else 0
+
+
 def cmd_upload(settings: Settings, args) -> int:
     with Client(settings) as client:
         print(json.dumps(client.upload(args.file, args.pipeline, args.key)))
@@ -250,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("retire", help="stop serving a pipeline (its route goes once its file is removed)")
     p.add_argument("pipeline")
     p.set_defaults(func=cmd_retire)
+    p = sub.add_parser("deadletter", help="uploads the bridge could not hand to Airflow: list, replay, drop")
+    p.add_argument("action", choices=["list", "replay", "drop"])
+    p.add_argument("ids", nargs="*", help="dead letter ids (from `list`)")
+    p.add_argument("--all", action="store_true", help="every dead letter")
+    p.set_defaults(func=cmd_deadletter)
     p = sub.add_parser("predict", help="POST rows to /predict through Nginx")
     p.add_argument("rows", help='JSON list of rows, e.g. "[[5.1, 3.5, 1.4, 0.2]]"')
     p.add_argument("--pipeline", help="default: the default pipeline at /predict")

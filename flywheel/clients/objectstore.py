@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from minio import Minio
 
-from flywheel.core.settings import ML_ACCESS_KEY, Settings
+from flywheel.core.settings import ML_ACCESS_KEY, RETENTION_ACCESS_KEY, Settings
 from flywheel.core.upload import Upload
 
 
@@ -16,6 +16,12 @@ def client(settings: Settings, root: bool = False) -> Minio:
     else:
         access_key, secret_key = ML_ACCESS_KEY, settings.secrets["FLYWHEEL_ML_SECRET_KEY"]
     return Minio(settings.minio_endpoint, access_key=access_key, secret_key=secret_key, secure=False)
+
+
+def retention_client(settings: Settings) -> Minio:
+    """The retention job's identity: it lists dataset versions and deletes old ones, nothing else."""
+    secret = settings.secrets["FLYWHEEL_RETENTION_SECRET_KEY"]
+    return Minio(settings.minio_endpoint, access_key=RETENTION_ACCESS_KEY, secret_key=secret, secure=False)
 
 
 def fetch(settings: Settings, upload: Upload) -> bytes:

@@ -276,14 +276,15 @@ def load(path: Path) -> Pipeline:
     return pipeline
 
 
-def load_all(directory: Path) -> tuple[list[Pipeline], list[PipelineError]]:
-    """Every valid pipeline, and the errors of the invalid ones (which do not stop the others)."""
-    pipelines, errors = [], []
+def load_all(directory: Path) -> tuple[list[Pipeline], dict[str, PipelineError]]:
+    """Every valid pipeline, and the error of each file that does not load, by the pipeline its file
+    names (the invalid ones do not stop the others)."""
+    pipelines, errors = [], {}
     for path in sorted(directory.glob("*.yaml")):
         try:
             pipelines.append(load(path))
         except PipelineError as exc:
-            errors.append(exc)
+            errors[path.stem] = exc
     return pipelines, errors
 
 

@@ -25,6 +25,8 @@ GENERATED_SECRETS = (
     # MinIO identity of training, serving and MLflow's artifact proxy (ML_ACCESS_KEY): read
     # `datasets`, read and write `mlflow`; the root user is only for setting MinIO up.
     "FLYWHEEL_ML_SECRET_KEY",
+    # MinIO identity of the retention job (RETENTION_ACCESS_KEY): list and delete dataset versions.
+    "FLYWHEEL_RETENTION_SECRET_KEY",
     # MLflow's basic-auth app: its session key, the login of people (user `admin`) and of the
     # platform's service account (MLFLOW_SERVICE_USER), under MLflow's own variable names.
     "MLFLOW_FLASK_SERVER_SECRET_KEY",
@@ -38,6 +40,7 @@ GENERATED_SECRETS = (
 
 
 ML_ACCESS_KEY = "flywheel-ml"
+RETENTION_ACCESS_KEY = "flywheel-retention"
 MLFLOW_SERVICE_USER = "flywheel"
 MLFLOW_ADMIN_USER = "admin"
 
@@ -87,7 +90,8 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def ensure_env_file(path: Path) -> dict[str, str]:
-    """Create or complete `.env` with generated secrets; existing values are kept."""
+    """Create or complete `.env` with generated secrets; existing values are kept, and the file is made
+    private (600) however it was created (`cp .env.example .env` makes it world-readable)."""
     values = read_env_file(path)
     missing = [name for name in GENERATED_SECRETS if not values.get(name)]
     if missing:
@@ -97,7 +101,7 @@ def ensure_env_file(path: Path) -> dict[str, str]:
             for name in missing:
                 values[name] = _generate(name)
                 f.write(f"{name}={values[name]}\n")
-        path.chmod(0o600)
+    path.chmod(0o600)
     return values
 
 
@@ -118,6 +122,33 @@ class Ports:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """How long the platform keeps what it writes: FLYWHEEL_RETENTION_<NAME> in `.env` or the environment.
+
+    Whatever lineage needs for a version that serves, is `production` or is `previous` is kept whatever
+    these say (operations/retention.py).
+    """
+
+    dataset_versions_hours: float = 30 * 24  # noncurrent versions of uploads (overwritten or deleted)
+    model_versions: int = 5  # Bentos and model-store copies per pipeline, beyond those that serve or may
+    airflow_hours: float = 14 * 24  # Airflow's run metadata (`airflow db clean`) and task logs
+    alerts_hours: float = 30 * 24  # recorded alerts, and what waits in the outbox
+    dead_letters_hours: float = 90 * 24
+    access_log_mb: int = 50  # Nginx's access log is rotated past this; ACCESS_LOGS_KEPT are kept
+    prometheus_time: str = "15d"  # Prometheus' TSDB (--storage.tsdb.retention.time)
+    prometheus_size: str = "1GB"  # ...and its cap on disk (--storage.tsdb.retention.size)
+
+    @classmethod
+    def load(cls, env: dict[str, str]) -> Retention:
+        values = {}
+        for name, spec in cls.__dataclass_fields__.items():
+            raw = env.get(f"FLYWHEEL_RETENTION_{name.upper()}")
+            if raw:
+                values[name] = type(spec.default)(raw)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class Settings:
     repo: Path
     state: Path
@@ -134,6 +165,8 @@ class Settings:
     alert_webhook: str = field(default="", repr=False)
     # /predict's API keys (FLYWHEEL_API_KEYS, comma-separated); none: /predict is open.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    retention: Retention = Retention()
+    secrets_root: Path | None = None  # FLYWHEEL_SECRETS_DIR; see secrets_dir
 
     @classmethod
     def load(cls, environ: dict[str, str] | None = None, create_secrets: bool = False) -> Settings:
@@ -141,7 +174,10 @@ class Settings:
         env = dict(os.environ if environ is None else environ)
         repo = Path(env.get("FLYWHEEL_REPO", REPO_ROOT))
         env_file = repo / ".env"
-        file_values = ensure_env_file(env_file) if create_secrets else read_env_file(env_file)
+        if env.get("FLYWHEEL_ENV_FILE") == "none":  # a step: it has what it needs in its environment
+            file_values = {}
+        else:
+            file_values = ensure_env_file(env_file) if create_secrets else read_env_file(env_file)
         merged = {**file_values, **env}
         ports = Ports(
             **{
@@ -160,6 +196,8 @@ class Settings:
             pipelines_dir=Path(merged.get("FLYWHEEL_PIPELINES_DIR", repo / "pipelines")),
             alert_webhook=merged.get("FLYWHEEL_ALERT_WEBHOOK", "").strip(),
             api_keys=tuple(k.strip() for k in merged.get("FLYWHEEL_API_KEYS", "").split(",") if k.strip()),
+            retention=Retention.load(merged),
+            secrets_root=Path(merged["FLYWHEEL_SECRETS_DIR"]) if merged.get("FLYWHEEL_SECRETS_DIR") else None,
             hosts={
                 name: merged[f"FLYWHEEL_{name.upper()}_HOST"]
                 for name in Ports.__dataclass_fields__
@@ -192,6 +230,20 @@ class Settings:
     @property
     def airflow_home(self) -> Path:
         return self.state / "airflow"
+
+    @property
+    def secrets_dir(self) -> Path:
+        """Where rendered files holding a secret go (Airflow's passwords, Alertmanager's token): the state
+        folder in embedded mode (one user), a volume only their readers mount in compose mode."""
+        return self.state if self.secrets_root is None else self.secrets_root
+
+    @property
+    def airflow_passwords(self) -> Path:
+        return self.secrets_dir / "airflow" / "passwords.json"
+
+    @property
+    def alertmanager_conf(self) -> Path:
+        return self.secrets_dir / "alertmanager" / "alertmanager.yml"
 
     @property
     def bentoml_home(self) -> Path:

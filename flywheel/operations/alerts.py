@@ -186,7 +186,8 @@ def recent(settings: Settings, since: datetime.timedelta = RECENT) -> list[dict]
 
 
 def firing(settings: Settings) -> list[dict]:
-    """What fires now: Alertmanager's active alerts, and Airflow failures of the last 24 hours."""
+    """What fires now: Alertmanager's active alerts, and the platform's own of the last 24 hours (Airflow's
+    failures, the bridge's broken pipelines) that no later one resolved."""
     active = []
     try:
         r = httpx.get(
@@ -198,4 +199,13 @@ def firing(settings: Settings) -> list[dict]:
             active.append(alert("prometheus", labels.get("alertname", "?"), summary, labels))
     except (httpx.HTTPError, ValueError):
         pass
-    return active + [a for a in recent(settings) if a["source"] == "airflow" and a["status"] == "firing"]
+    own, resolved = [], set()
+    for a in recent(settings):  # newest first
+        if a["source"] == "prometheus":
+            continue
+        ident = (a["name"], a["labels"].get("pipeline"))
+        if a["status"] == "resolved":
+            resolved.add(ident)
+        elif a["source"] == "airflow" or ident not in resolved:
+            own.append(a)
+    return active + own

@@ -9,7 +9,8 @@ from flywheel.clients.mlflow_rest import MlflowAPI
 from flywheel.core import schema
 from flywheel.core.pipelines import Pipeline
 from flywheel.core.settings import Settings
-from flywheel.operations import alerts, deadletter
+from flywheel.operations import alerts
+from flywheel.operations.parked import DEAD_LETTERS, HELD
 from flywheel.platform import deployments
 from flywheel.training import planning
 
@@ -34,7 +35,8 @@ def pipeline_status(settings: Settings, pipeline: Pipeline, mlflow: MlflowAPI, a
         served = schema.upload_from_tags(mlflow.model_version(p, live.version)["tags"], p)
         served_version_id = served.version_id if served else ""
     active = airflow.dag_runs(f"train_{p}", limit=1, states=("queued", "running"))
-    letters = [d for d in deadletter.read_all(settings) if d["upload"].get("pipeline") == p]
+    letters = [d for d in DEAD_LETTERS.read_all(settings) if d["upload"].get("pipeline") == p]
+    held = [h for h in HELD.read_all(settings) if h["upload"].get("pipeline") == p]
     firing = [a for a in alerts.firing(settings) if a["labels"].get("pipeline") == p]
 
     def about(run: dict, record: schema.RunRecord) -> dict:
@@ -86,6 +88,7 @@ def pipeline_status(settings: Settings, pipeline: Pipeline, mlflow: MlflowAPI, a
         else {"version": live.version, "colour": live.colour, "replicas": list(live.ports)},
         "alerts": [f"{a['name']}: {a['summary']}" for a in firing],
         "dead_letters": [f"{d['upload'].get('key')}: {d['reason']}" for d in letters],
+        "held": [f"{h['upload'].get('key')}: {h['reason']}" for h in held],
     }
 
 
@@ -109,7 +112,11 @@ def render(status: dict) -> str:
         if serving
         else "  serving       nothing"
     )
-    for title, items in (("alerts", status["alerts"]), ("dead letters", status["dead_letters"])):
+    for title, items in (
+        ("alerts", status["alerts"]),
+        ("dead letters", status["dead_letters"]),
+        ("held uploads", status.get("held", [])),
+    ):
         lines.append(f"  {title:<13} {len(items) or 'none'}")
         lines += [f"                {item[:300]}" for item in items[-5:]]
     return "\n".join(lines)

@@ -60,8 +60,20 @@ def _missing(spec: StepSpec, how: str, tail: list[str]) -> StepResult:
     return StepResult(FAILED, f"{spec.module} {how} without writing its result: {lines}")
 
 
+# What a step keeps of its task's environment: nothing of Airflow's (its secrets, its database), only
+# what a process needs to run, and the settings' client environment (the ML identity, where things are).
+INHERITED = ("PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def step_env(settings: Settings) -> dict[str, str]:
+    """A step reads no `.env` either (FLYWHEEL_ENV_FILE=none): its secrets are the ML identity's and
+    MLflow's service account's, in client_env, and nothing else."""
+    kept = {k: v for k, v in os.environ.items() if k in INHERITED}
+    return {**kept, **settings.client_env(), "PYTHONUNBUFFERED": "1", "FLYWHEEL_ENV_FILE": "none"}
+
+
 def run_local(settings: Settings, spec: StepSpec) -> StepResult:
-    env = {**os.environ, **settings.client_env(), "PYTHONUNBUFFERED": "1"}
+    env = step_env(settings)
     tail: deque[str] = deque(maxlen=20)
     with tempfile.TemporaryDirectory(prefix="flywheel-step-") as tmp:
         result_path = str(Path(tmp) / "result.json")
@@ -81,7 +93,7 @@ def run_docker(settings: Settings, spec: StepSpec, image: str = TRAINER_IMAGE) -
     container = client.containers.run(
         image,
         spec.command(CONTAINER_RESULT),
-        environment={**container_env(settings), "PYTHONUNBUFFERED": "1"},
+        environment={**container_env(settings), "PYTHONUNBUFFERED": "1", "FLYWHEEL_ENV_FILE": "none"},
         network=NETWORK,
         detach=True,
         labels={"flywheel.step": spec.module},
@@ -115,7 +127,7 @@ def run_kubernetes(settings: Settings, spec: StepSpec, image: str = TRAINER_IMAG
         image=image,
         cmds=command[:3],
         arguments=command[3:],  # no shell between us and the step: arguments stay exactly as given
-        env_vars=container_env(settings),
+        env_vars={**container_env(settings), "FLYWHEEL_ENV_FILE": "none"},
         do_xcom_push=True,  # its sidecar reads the result file, and execute() returns it parsed
         get_logs=True,
         on_finish_action="delete_pod",

@@ -7,7 +7,9 @@ steps (validate, train, build) go through the runner, and each task decides from
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
@@ -17,7 +19,7 @@ from flywheel.core.schema import parse_time
 from flywheel.core.settings import Settings
 from flywheel.core.steps import REJECTED, StepSpec
 from flywheel.core.upload import Upload
-from flywheel.operations import alerts
+from flywheel.operations import alerts, retention
 from flywheel.orchestration import runner
 from flywheel.serving import rollout as serving
 from flywheel.training import ledger, planning
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 VALIDATE = "flywheel.training.validate"
 TRAIN = "flywheel.training.train"
 BUILD = "flywheel.serving.build"
+PRUNE = "flywheel.serving.prune"
 
 
 class StepFailed(RuntimeError):
@@ -228,3 +231,19 @@ def rollout(pipeline_name: str, built: dict) -> dict:
         "colour": d.colour,
         "url": f"{settings.predict_url}/{d.pipeline}/predict",
     }
+
+
+def retention_task(store: str, params: dict | None) -> dict:
+    """Keep one store within its policy (operations/retention.py); a hand-triggered run's params override it."""
+    settings = Settings.load()
+    overrides = {k: v for k, v in (params or {}).items() if v is not None}
+    policy = dataclasses.replace(settings.retention, **overrides)
+    log.info("%s: %s", store, retention.policies(policy)[store])
+    if store == "datasets":
+        return retention.datasets(settings, policy)
+    if store == "models":
+        pruned = step(settings, PRUNE, plan=retention.model_store_plan(settings, policy))
+        return retention.models_report(settings, policy, pruned)
+    if store == "airflow":
+        return retention.airflow(settings, policy, dict(os.environ))
+    return retention.files(settings, policy)

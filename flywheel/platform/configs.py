@@ -5,8 +5,11 @@ supervisord's own configuration is platform/supervisor.py's; Nginx's live routes
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pwd
 import re
+from pathlib import Path
 
 from flywheel.core.settings import MLFLOW_ADMIN_USER, Settings, write_private
 from flywheel.platform import provision, routes, supervisor, topology
@@ -33,17 +36,40 @@ class ConfigError(ValueError):
     """A setting that cannot be rendered; the message names it."""
 
 
+def nginx_temp(settings: Settings) -> Path:
+    """Where Nginx's workers spool request bodies larger than their pipeline's buffer (images).
+
+    Run as root, Nginx's workers are `nobody`, who cannot enter the private state folder: their spool
+    is then a folder of their own under /var/cache/flywheel (root's, so nobody else can plant it),
+    one per state folder, mode 700. Otherwise it is in the state folder.
+    """
+    if os.geteuid() != 0:
+        return settings.state / NGINX_DIR / "tmp"
+    digest = hashlib.sha256(str(settings.state.resolve()).encode()).hexdigest()[:16]
+    return Path("/var/cache/flywheel") / f"nginx-{digest}"
+
+
+def ensure_nginx_temp(settings: Settings) -> None:
+    temp = nginx_temp(settings)
+    temp.parent.mkdir(parents=True, exist_ok=True)
+    temp.mkdir(mode=0o700, exist_ok=True)
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(temp, nobody.pw_uid, nobody.pw_gid)
+        temp.chmod(0o700)
+
+
 def nginx_conf(settings: Settings) -> str:
     """The front door; routes and upstreams are files routes.sync rewrites while it runs."""
     s = settings
     template = (s.repo / "nginx" / "nginx.conf.template").read_text()
     return (
         template.replace("@STATE@", str(s.state / NGINX_DIR))
+        .replace("@TEMP@", str(nginx_temp(s)))
         .replace("@LOGS@", str(s.logs))
         .replace("@HOST@", s.host)
         .replace("@PORT@", str(s.ports.nginx))
         .replace("@STATUS_PORT@", str(s.ports.nginx_status))
-        .replace("@DEFAULT@", s.default_pipeline)
         .replace("@USER@", "user nobody nogroup;" if os.geteuid() == 0 else "")
     )
 
@@ -147,10 +173,12 @@ def render(settings: Settings) -> None:
     for folder in STATE_FOLDERS:
         (s.state / folder).mkdir(parents=True, exist_ok=True)
     supervisor.write_main(s, programs(s))
+    ensure_nginx_temp(s)
     (s.state / NGINX_DIR / "nginx.conf").write_text(nginx_conf(s))
     write_private(s.state / NGINX_DIR / "api_keys.conf", api_keys_conf(s))
     routes.sync(s, reload=False)
     (s.state / "prometheus" / "prometheus.yml").write_text(prometheus_conf(s))
     (s.state / "mlflow" / "basic_auth.ini").write_text(mlflow_auth_ini(s))
-    write_private(s.state / "alertmanager" / "alertmanager.yml", alertmanager_conf(s))  # the bridge's token
+    s.alertmanager_conf.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private(s.alertmanager_conf, alertmanager_conf(s))  # the bridge's token
     provision.airflow_logins(s)  # read by Airflow's api-server when it starts

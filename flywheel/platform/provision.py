@@ -18,6 +18,7 @@ from flywheel.core.settings import (
     ML_ACCESS_KEY,
     MLFLOW_ADMIN_USER,
     MLFLOW_SERVICE_USER,
+    RETENTION_ACCESS_KEY,
     Settings,
     write_private,
 )
@@ -60,6 +61,26 @@ def ml_policy(settings: Settings) -> dict:
     }
 
 
+def retention_policy(settings: Settings) -> dict:
+    """What the retention job's MinIO identity may do: list the dataset versions and delete old ones."""
+    datasets = settings.datasets_bucket
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketVersions"],
+                "Resource": [f"arn:aws:s3:::{datasets}"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObjectVersion", "s3:DeleteObjectVersion"],
+                "Resource": [f"arn:aws:s3:::{datasets}/*"],
+            },
+        ],
+    }
+
+
 def buckets(settings: Settings) -> None:
     """Buckets, versioning, the webhook notification and the platform's own MinIO identity (with
     only the rights it needs)."""
@@ -72,10 +93,15 @@ def buckets(settings: Settings) -> None:
 
     root = settings.secrets["MINIO_ROOT_USER"], settings.secrets["MINIO_ROOT_PASSWORD"]
     admin = MinioAdmin(endpoint=settings.minio_endpoint, credentials=StaticProvider(*root), secure=False)
-    admin.policy_add(ML_ACCESS_KEY, policy=ml_policy(settings))
-    admin.user_add(ML_ACCESS_KEY, settings.secrets["FLYWHEEL_ML_SECRET_KEY"])
-    with contextlib.suppress(MinioAdminException):  # attached at an earlier `up`
-        admin.attach_policy([ML_ACCESS_KEY], user=ML_ACCESS_KEY)
+    identities = (
+        (ML_ACCESS_KEY, "FLYWHEEL_ML_SECRET_KEY", ml_policy(settings)),
+        (RETENTION_ACCESS_KEY, "FLYWHEEL_RETENTION_SECRET_KEY", retention_policy(settings)),
+    )
+    for access_key, secret, policy in identities:
+        admin.policy_add(access_key, policy=policy)
+        admin.user_add(access_key, settings.secrets[secret])
+        with contextlib.suppress(MinioAdminException):  # attached at an earlier `up`
+            admin.attach_policy([access_key], user=access_key)
     client = objectstore.client(settings, root=True)
     for bucket in (settings.datasets_bucket, settings.mlflow_bucket):
         if not client.bucket_exists(bucket):
@@ -123,4 +149,5 @@ def mlflow_accounts(settings: Settings) -> None:
 def airflow_logins(settings: Settings) -> None:
     """The simple auth manager's password file: one login per user of AIRFLOW_USERS (read at start)."""
     passwords = {user.name: settings.secrets[user.secret] for user in AIRFLOW_USERS}
-    write_private(settings.airflow_home / "passwords.json", json.dumps(passwords) + "\n")
+    settings.airflow_passwords.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private(settings.airflow_passwords, json.dumps(passwords) + "\n")

@@ -3,11 +3,12 @@
 - **Ports** are identities, stored, not derived: a pipeline gets a block of ports the first time it
   needs one, recorded in `ports.json`, and keeps it while its file exists or anything serves it.
   Adding or removing a pipeline file moves no other pipeline.
-- **Nginx**: `nginx/routes.conf` maps each pipeline to `serving` or `waiting` (routed, 503 until its
-  first deployment) and sets the body limit from the largest legal request; `nginx/upstreams/<p>.conf`
-  lists the live colour's replicas behind `least_conn`. `sync` rewrites them and reloads Nginx
-  gracefully, only when something changed, so a new pipeline file is routed, and a removed one that
-  nothing serves disappears, without a restart. The events bridge runs it every few seconds.
+- **Nginx**: `nginx/locations.conf` has one `location` per pipeline, with its own body limit (from its
+  largest legal request) and body buffer, proxying to its replicas or answering 503 until its first
+  deployment; `nginx/upstreams/<p>.conf` lists the live colour's replicas behind `least_conn`. `sync`
+  rewrites them and reloads Nginx gracefully, only when something changed, so a new pipeline file is
+  routed, and a removed one that nothing serves disappears, without a restart. The events bridge
+  runs it every few seconds.
 - **Prometheus**: one file_sd file per deployed pipeline, every replica labelled with its pipeline,
   model version, colour and replica.
 """
@@ -26,7 +27,8 @@ from flywheel.platform import deployments, supervisor
 from flywheel.platform.deployments import COLOURS
 
 BLOCK = len(COLOURS) * MAX_REPLICAS
-MIN_BODY_LIMIT = 1 << 20
+MIN_BODY_LIMIT = 64 << 10  # no pipeline's body limit is lower
+BODY_BUFFER = 256 << 10  # memory per request body, at most
 
 
 # --- ports ------------------------------------------------------------------------------------------------
@@ -84,33 +86,74 @@ def replica_ports(settings: Settings, pipeline: str, colour: str, replicas: int)
 # --- Nginx and Prometheus ---------------------------------------------------------------------------------
 
 
-def body_limit(known: list[Pipeline]) -> int:
-    """Nginx's client_max_body_size: the largest legal request of any pipeline, plus a quarter."""
-    return max([MIN_BODY_LIMIT, *(p.plugin.largest_request(p) * 5 // 4 for p in known)])
+def body_limit(pipeline: Pipeline) -> int:
+    """The pipeline's client_max_body_size: its largest legal request, plus a quarter."""
+    return max(MIN_BODY_LIMIT, pipeline.plugin.largest_request(pipeline) * 5 // 4)
+
+
+def body_buffer(limit: int) -> int:
+    """Memory a request body may take before Nginx spools it to a file: all of any legal table request
+    (no temp file on the hot path), at most BODY_BUFFER, so that slow clients cannot take memory
+    without bound (bench/slow_clients.py measures it)."""
+    return min(limit, BODY_BUFFER)
 
 
 def upstream_conf(pipeline: str, host: str, ports: list[int]) -> str:
-    # least_conn spreads requests over the replicas; a replica that fails is taken out for a moment
-    # (max_fails/fail_timeout) while Nginx passes its requests to the next (proxy_next_upstream).
+    # least_conn spreads requests over the replicas (a hung one, holding its requests, gets no new
+    # ones); a request a replica fails or leaves unanswered goes to the next (proxy_next_upstream).
+    # No replica is ever marked down (max_fails=0): a dead one refuses at once and costs nothing,
+    # and a timed-out request must end in a 504, not in a "no live upstreams" 502.
     # keepalive + HTTP/1.1 to the Bentos: Nginx's own overhead stays within noise.
-    servers = "".join(f"    server {host}:{p} max_fails=1 fail_timeout=2s;\n" for p in ports)
+    servers = "".join(f"    server {host}:{p} max_fails=0;\n" for p in ports)
     return f"upstream flywheel_{pipeline} {{\n    least_conn;\n{servers}    keepalive 64;\n}}\n"
 
 
-def routes_conf(states: dict[str, str], limit: int) -> str:
+def routes_conf(limits: dict[str, int], default: str) -> str:
+    """http-level: each route's body limit, which the 413's message quotes."""
+    paths = {f"/{name}/predict": limit for name, limit in limits.items()}
+    if default in limits:
+        paths["/predict"] = limits[default]
     lines = [
-        "# Rendered by flywheel/routes.py: which pipelines exist, and whether one serves yet.",
-        f"client_max_body_size {limit};",
-        f"client_body_buffer_size {limit};  # bodies stay in memory: no temp file on the hot path",
-        "map $pipeline $flywheel_body_limit {",
-        f"    default {limit};",
-        "}",
-        "map $pipeline $flywheel_route {",
-        "    default unknown;",
-        *(f"    {name} {state};" for name, state in sorted(states.items())),
+        "# Rendered by flywheel/platform/routes.py: each route's body limit, for the 413's message.",
+        "map $uri $flywheel_body_limit {",
+        f"    default {MIN_BODY_LIMIT};",
+        *(f"    {path} {limit};" for path, limit in sorted(paths.items())),
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+LOCATION = """location = /{name}/predict {{
+    client_max_body_size {limit};
+    client_body_buffer_size {buffer};
+    if ($request_method != POST) {{
+        return 405 '{{"error": "method not allowed: POST /{name}/predict"}}\\n';
+    }}
+    if ($flywheel_key = 0) {{
+        return 401 '{{"error": "missing or wrong API key: send Authorization: Bearer <key>"}}\\n';
+    }}
+    {answer}
+}}
+"""
+WAITING = (
+    """return 503 '{{"error": "no model of {name} is serving yet: upload a dataset under datasets/{name}/"}}\\n';"""
+)
+SERVING = "proxy_pass http://flywheel_{name}/predict;"
+# /predict is the default pipeline's, with its body limit: Nginx checks a body against the location
+# the request first matched, before the rewrite.
+DEFAULT = """location = /predict {{
+    client_max_body_size {limit};
+    client_body_buffer_size {buffer};
+    rewrite ^ /{name}/predict last;
+}}
+"""
+
+
+def location_conf(name: str, serving: bool, limit: int) -> str:
+    """A pipeline's /<name>/predict in the server block: its own body limit and buffer (Nginx takes no
+    variable there), the method and API key checks, and its replicas or a 503 until one serves."""
+    answer = (SERVING if serving else WAITING).format(name=name)
+    return LOCATION.format(name=name, limit=limit, buffer=body_buffer(limit), answer=answer)
 
 
 def scrape_targets(settings: Settings, deployment) -> list[dict]:
@@ -139,10 +182,16 @@ def sync(settings: Settings, reload: bool = True) -> bool:
         folder.mkdir(parents=True, exist_ok=True)
     known = pipelines.load_all(settings.pipelines_dir)[0]
     with _locked(settings):
+        # A removed file's model serves until retired.
         deployed = {d.pipeline: d for d in deployments.all_current(settings)}
-        states = {p.name: "serving" if p.name in deployed else "waiting" for p in known}
-        states.update(dict.fromkeys(deployed, "serving"))  # a removed file's model serves until retired
-        changed = _write_if_changed(nginx / "routes.conf", routes_conf(states, body_limit(known)))
+        limits = {name: MIN_BODY_LIMIT for name in deployed} | {p.name: body_limit(p) for p in known}
+        changed = _write_if_changed(nginx / "routes.conf", routes_conf(limits, settings.default_pipeline))
+        locations = "".join(location_conf(name, name in deployed, limits[name]) for name in sorted(limits))
+        if (default := settings.default_pipeline) in limits:
+            locations += DEFAULT.format(name=default, limit=limits[default], buffer=body_buffer(limits[default]))
+        changed |= _write_if_changed(
+            nginx / "locations.conf", f"# Rendered by flywheel/platform/routes.py.\n{locations}"
+        )
         for name, d in deployed.items():
             changed |= _write_if_changed(upstreams / f"{name}.conf", upstream_conf(name, settings.host, d.ports))
         for stale in upstreams.glob("*.conf"):
@@ -155,7 +204,7 @@ def sync(settings: Settings, reload: bool = True) -> bool:
             if stale.stem not in deployed:
                 stale.unlink()
         ports = assigned(settings)
-        kept = {name: base for name, base in ports.items() if name in states}
+        kept = {name: base for name, base in ports.items() if name in limits}
         if kept != ports:
             _write_json(_ports_file(settings), kept)
     if changed and reload:

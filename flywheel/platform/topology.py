@@ -55,7 +55,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__CORE__PARALLELISM": "4",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u.name}:{u.role}" for u in AIRFLOW_USERS),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(s.airflow_passwords),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{s.airflow_url}/execution/",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__API__HOST": s.host,
@@ -203,6 +203,8 @@ def services(settings: Settings) -> list[Service]:
                 binary("prometheus"),
                 f"--config.file={s.state / 'prometheus' / 'prometheus.yml'}",
                 f"--storage.tsdb.path={s.state / 'prometheus' / 'data'}",
+                f"--storage.tsdb.retention.time={s.retention.prometheus_time}",
+                f"--storage.tsdb.retention.size={s.retention.prometheus_size}",
                 f"--web.listen-address={s.host}:{p.prometheus}",
             ],
             f"{s.prometheus_url}/-/ready",
@@ -212,7 +214,7 @@ def services(settings: Settings) -> list[Service]:
             "alertmanager",
             [
                 binary("prometheus-alertmanager"),
-                f"--config.file={s.state / 'alertmanager' / 'alertmanager.yml'}",
+                f"--config.file={s.alertmanager_conf}",
                 f"--storage.path={s.state / 'alertmanager' / 'data'}",
                 f"--web.listen-address={s.host}:{p.alertmanager}",
                 "--cluster.listen-address=",  # no gossip port (it would bind every interface)

@@ -76,14 +76,6 @@ def wait_for_version(settings: Settings, not_version: str | None, pipeline: str 
     return wait_until(changed, DEADLINE, f"a {pipeline} version other than {not_version} served")
 
 
-def newest_upload(settings: Settings, prefix: str) -> dict:
-    """MinIO's newest object under the prefix (the platform's definition of the newest upload)."""
-    client = minio_client(settings)
-    objs = [o for o in client.list_objects("datasets", prefix=prefix, recursive=True) if not o.is_dir]
-    best = max(objs, key=lambda o: (o.last_modified, o.object_name))
-    return {"key": best.object_name, "version_id": client.stat_object("datasets", best.object_name).version_id}
-
-
 def settled_runs(api: AirflowAPI, dag_id: str, timeout: float = 240) -> list[dict]:
     """The DAG's runs once none is queued or running."""
     return wait_until(
@@ -105,10 +97,37 @@ def program_pid(settings: Settings, name: str) -> int:
     return supervisor.rpc(settings).getProcessInfo(name)["pid"]
 
 
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
 def orphans(settings: Settings) -> list[str]:
-    """Processes of the stack that no program owns any more (see flywheel/reaper.py)."""
+    """Live processes started for this stack (FLYWHEEL_STATE_DIR in their environment, as /proc shows
+    it) that do not descend from supervisord: read from /proc here, not with the reaper's own code."""
     supervisord = int((settings.state / "supervisord.pid").read_text())
-    return [_describe(pid) for pid in reaper.orphans(f"unix://{settings.state / 'supervisor.sock'}", supervisord)]
+    marker = f"FLYWHEEL_STATE_DIR={settings.state}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in (os.getpid(), supervisord):
+            continue
+        try:
+            if marker not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            if (proc / "stat").read_text().split(") ")[1].startswith(("Z", "X")):
+                continue  # a zombie holds nothing
+        except OSError:
+            continue
+        pid, seen = int(proc.name), set()
+        while pid not in (None, 0, 1, supervisord) and pid not in seen:
+            seen.add(pid)
+            pid = _ppid(pid)
+        if pid != supervisord:
+            found.append(_describe(int(proc.name)))
+    return found
 
 
 def _describe(pid: int) -> str:

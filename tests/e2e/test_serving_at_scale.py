@@ -5,9 +5,13 @@ Each pipeline this file needs is trained from its sample here if nothing serves 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -44,9 +48,10 @@ def test_the_largest_legal_table_request_is_answered_through_nginx(stack_setting
     columns = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
     body = json.dumps({"inputs": [dict.fromkeys(columns, LONG)] * MAX_ROWS}).encode()
     assert len(body) > 64 * 1024, "bigger than Nginx's default buffers"
-    r = post(stack_settings, "/iris/predict", body)
-    assert r.status_code == 200, r.text[:300]
-    assert len(r.json()["predictions"]) == MAX_ROWS
+    for path in ("/iris/predict", "/predict"):  # iris is the default pipeline
+        r = post(stack_settings, path, body)
+        assert r.status_code == 200, r.text[:300]
+        assert len(r.json()["predictions"]) == MAX_ROWS
 
 
 def test_the_largest_legal_image_request_is_answered_through_nginx(stack_settings):
@@ -67,6 +72,7 @@ def test_the_largest_legal_image_request_is_answered_through_nginx(stack_setting
         ("POST", "/nosuch/predict", 404, "no pipeline named nosuch"),
         ("GET", "/iris/predict", 405, "method not allowed"),
         ("GET", "/somewhere", 404, "not found"),
+        ("GET", "/predict", 405, "method not allowed"),
     ],
 )
 def test_every_answer_nginx_makes_itself_is_json(stack_settings, method, path, status, says):
@@ -75,13 +81,75 @@ def test_every_answer_nginx_makes_itself_is_json(stack_settings, method, path, s
     assert says in r.json()["error"]
 
 
-def test_a_body_over_the_limit_gets_a_json_413(stack_settings):
-    limit = int(
-        (stack_settings.state / "nginx" / "routes.conf").read_text().split("client_max_body_size ")[1].split(";")[0]
-    )
-    r = post(stack_settings, "/iris/predict", b"[" + b" " * limit + b"]")
+def test_a_body_over_its_pipelines_limit_gets_a_json_413(stack_settings):
+    """A 4-feature route takes no megabyte, though the MNIST route beside it takes six (test above)."""
+    body = b"[" + b" " * 1_000_000 + b"]"
+    r = post(stack_settings, "/iris/predict", body)
     assert r.status_code == 413
-    assert str(limit) in r.json()["error"]
+    assert "/iris/predict takes at most" in r.json()["error"]
+    limit = int(r.json()["error"].split("at most ")[1].split(" ")[0])
+    assert 1000 * 4 * 20 < limit < 1_000_000, "sized from iris's largest legal request"
+
+
+def test_a_uri_too_long_gets_a_json_414(stack_settings):
+    r = httpx.post(f"{stack_settings.predict_url}/iris/predict?{'x' * 20_000}", content=b"{}")
+    assert r.status_code == 414
+    assert "too long" in r.json()["error"]
+
+
+def test_a_hung_replica_is_passed_over_and_a_hung_pipeline_answers_a_json_504(stack_settings):
+    """SIGSTOP freezes a replica's server: Nginx waits for it no longer than a Bento's own timeout
+    allows, sends the request to the other replica, and answers 504 itself only when none answers."""
+    ensure_serving(stack_settings, "iris", [5.1, 3.5, 1.4, 0.2])
+    live = deployments.current(stack_settings, "iris")
+    workers = [replica_processes(stack_settings, name) for name in live.programs]
+    body = json.dumps({"inputs": [[5.1, 3.5, 1.4, 0.2]]}).encode()
+    try:
+        signal_all(workers[0], signal.SIGSTOP)
+        timings = []
+        for _ in range(4):  # least_conn tries the frozen one at least once
+            started = time.monotonic()
+            r = post(stack_settings, "/iris/predict", body)
+            timings.append(time.monotonic() - started)
+            assert r.status_code == 200, r.text
+        assert max(timings) < 10, timings
+        signal_all(workers[1], signal.SIGSTOP)
+        started = time.monotonic()
+        r = post(stack_settings, "/iris/predict", body)
+        waited = time.monotonic() - started
+        assert r.status_code == 504, r.text
+        assert "answered within" in r.json()["error"]
+        assert waited < 20, waited
+        print(f"\none replica frozen: answered in at most {max(timings):.1f}s; both frozen: 504 after {waited:.1f}s")
+    finally:
+        for pids in workers:
+            signal_all(pids, signal.SIGCONT)
+    wait_until(lambda: served(stack_settings, "iris", [5.1, 3.5, 1.4, 0.2]), 60, "iris answering again")
+
+
+def replica_processes(settings, program: str) -> list[int]:
+    """A replica's server and everything it started, from /proc."""
+    root = supervisor.rpc(settings).getProcessInfo(program)["pid"]
+    pids, frontier = {root}, {root}
+    while frontier:
+        children = set()
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    stat = (proc / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat[stat.rindex(")") + 2 :].split()[1]) in frontier:
+                    children.add(int(proc.name))
+        frontier = children - pids
+        pids |= children
+    return sorted(pids)
+
+
+def signal_all(pids: list[int], sig) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def test_a_new_pipeline_is_routed_live_and_moves_no_other(stack_settings):

@@ -151,7 +151,13 @@ def services(raw) -> dict:
 @pytest.fixture(scope="module")
 def embedded() -> Settings:
     """Embedded-mode settings with compose's paths and the same secrets: values compare directly."""
-    return Settings(repo=REPO, state=STATE, ports=Ports(), secrets={n: FILLED[n] for n in GENERATED_SECRETS})
+    return Settings(
+        repo=REPO,
+        state=STATE,
+        ports=Ports(),
+        secrets={n: FILLED[n] for n in GENERATED_SECRETS},
+        secrets_root=Path("/var/lib/flywheel-secrets"),  # compose's secrets volume, which `serving` lacks
+    )
 
 
 def argv(service: dict) -> list[str]:
@@ -352,6 +358,22 @@ def test_serving_runs_the_topology_programs(embedded, services):
         assert f"state:{STATE}" in services[name]["volumes"]
 
 
+def test_serving_holds_no_secret(services):
+    """Least privilege: the serving container (Nginx and the Bentos) has no secret in its environment and
+    does not mount the volume where rendered secrets live (Airflow's passwords, Alertmanager's token)."""
+    serving = services["serving"]
+    assert not [k for k in environment(serving) if re.search(r"PASSWORD|SECRET_KEY|TOKEN|FERNET", k)]
+    assert not [v for v in serving["volumes"] if "secrets" in v]
+    for name, svc in services.items():
+        if "MINIO_ROOT_PASSWORD" in environment(svc):
+            assert name in ("minio", "minio-init"), f"{name} holds MinIO's root password"
+
+
+def test_pipeline_files_are_mounted_live(services):
+    for name in ("airflow-scheduler", "airflow-dag-processor", "events-bridge", "flywheel-init"):
+        assert "./pipelines:/opt/flywheel/pipelines:ro" in services[name]["volumes"], name
+
+
 def test_the_bridge_logs_in_to_airflow_as_itself(services):
     """Least privilege: the events bridge has its own login's password, not the admin's."""
     env = environment(services["events-bridge"])
@@ -412,7 +434,7 @@ def test_every_secret_is_required_and_never_defaulted(raw):
         for key, value in environment(svc).items():
             if value == ML_ACCESS_KEY:
                 continue  # the platform identity's name; its secret key is required like the others
-            if secretive.search(key) and not key.endswith("_FILE"):
+            if secretive.search(key) and not key.endswith(("_FILE", "_DIR")):
                 assert any(f"${{{s}:?" in str(value) for s in REQUIRED), f"{name}: {key} is a literal"
 
 

@@ -36,7 +36,7 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 def test_shipped_pipelines_load():
     loaded, errors = pipelines.load_all(REPO_ROOT / "pipelines")
-    assert errors == []
+    assert errors == {}
     iris = next(p for p in loaded if p.name == "iris")
     assert iris.dataset_uri == "s3://datasets/iris"
     assert iris.model_uri == "model://iris/production"
@@ -99,7 +99,7 @@ def test_a_broken_file_does_not_hide_the_others(tmp_path):
     write(tmp_path, "broken", "name: broken\n")
     loaded, errors = pipelines.load_all(tmp_path)
     assert [p.name for p in loaded] == ["demo"]
-    assert len(errors) == 1 and "broken.yaml" in str(errors[0])
+    assert list(errors) == ["broken"] and "broken.yaml" in str(errors["broken"])
 
 
 def test_serving_replicas_default_to_two_and_are_bounded(tmp_path):

@@ -2,7 +2,7 @@
 
 import stat
 
-from flywheel.core.settings import GENERATED_SECRETS, Settings, read_env_file
+from flywheel.core.settings import GENERATED_SECRETS, Settings, ensure_env_file, read_env_file
 
 
 def test_first_run_generates_every_secret_once(tmp_path):
@@ -41,3 +41,12 @@ def test_default_ports_are_distinct_and_below_the_bento_blocks(tmp_path):
     fixed = [v for k, v in vars(s.ports).items() if k != "bento_base"]
     assert len(set(fixed)) == len(fixed)
     assert not [p for p in fixed if s.ports.bento_base <= p < s.ports.bento_base + 100 * 16]
+
+
+def test_an_env_file_made_by_hand_is_made_private(tmp_path):
+    env = tmp_path / ".env"
+    env.write_text("MINIO_ROOT_PASSWORD=typed-by-hand\n")  # `cp .env.example .env` and an editor: 644
+    env.chmod(0o644)
+    values = ensure_env_file(env)
+    assert values["MINIO_ROOT_PASSWORD"] == "typed-by-hand"
+    assert env.stat().st_mode & 0o777 == 0o600

@@ -18,6 +18,10 @@ from flywheel.core.errors import DatasetInvalid
 
 def fake(outcome: str, rows: int = 0) -> dict:
     print("working on it", flush=True)
+    if outcome == "environment":
+        import os
+        from flywheel.core.settings import Settings
+        return {"env": sorted(os.environ), "secrets": {k: v for k, v in Settings.load().secrets.items() if v}}
     if outcome == "reject":
         raise DatasetInvalid("x.csv: 3 rows, need at least 20 (rule: minimum rows)")
     if outcome == "crash":
@@ -76,6 +80,15 @@ def test_a_step_killed_before_writing_its_result_has_failed(settings):
     result = runner.run(settings, StepSpec("fake_step", {"outcome": "die"}), "local")
     assert result.status == FAILED
     assert "exited -9 without writing its result" in result.reason and "working on it" in result.reason
+
+
+def test_a_step_gets_the_ml_identity_and_nothing_of_airflows_secrets(settings, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", "airflows-own-secret")
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "postgresql://u:p@db/airflow")
+    result = runner.run(settings, StepSpec("fake_step", {"outcome": "environment"}), "local")
+    assert not [k for k in result.payload["env"] if k.startswith("AIRFLOW")]
+    assert "MLFLOW_TRACKING_URI" in result.payload["env"] and "AWS_SECRET_ACCESS_KEY" in result.payload["env"]
+    assert set(result.payload["secrets"]) <= {"FLYWHEEL_ML_SECRET_KEY", "MLFLOW_TRACKING_PASSWORD"}, "no .env read"
 
 
 def test_containers_get_the_services_but_no_path_of_this_machine(settings):

@@ -1,6 +1,7 @@
 """Rendered configuration: supervisord programs, Nginx routes, Prometheus targets."""
 
 import configparser
+import re
 import subprocess
 
 import pytest
@@ -47,10 +48,8 @@ def test_nginx_config_is_valid_for_the_real_nginx(settings):
     configs.render(settings)
     conf = (settings.state / "nginx" / "nginx.conf").read_text()
     assert "listen 127.0.0.1:18000;" in conf
-    assert "rewrite ^ /iris/predict last;" in conf
-    assert "@" not in conf.replace("@unavailable", "").replace("@bad_request", "").replace("@method", "").replace(
-        "@too_large", ""
-    )
+    assert "rewrite ^ /iris/predict last;" in (settings.state / "nginx" / "locations.conf").read_text()
+    assert not re.findall(r"@[A-Z_]+@", conf), "a placeholder left unfilled"
     (settings.state / "nginx" / "upstreams" / "iris.conf").write_text(
         routes.upstream_conf("iris", "127.0.0.1", [3100, 3101])
     )
@@ -59,6 +58,19 @@ def test_nginx_config_is_valid_for_the_real_nginx(settings):
         [nginx, "-t", "-q", "-c", str(settings.state / "nginx" / "nginx.conf")], capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stderr
+
+
+def test_every_error_nginx_can_answer_itself_is_json(settings):
+    """Each status Nginx may produce on its own goes to a named location that returns JSON."""
+    configs.render(settings)
+    conf = (settings.state / "nginx" / "nginx.conf").read_text()
+    pages = dict(re.findall(r"error_page ([\d ]+) = (\S+);", conf))
+    covered = {int(code) for codes in pages for code in codes.split()}
+    assert covered >= {400, 405, 413, 414, 500, 502, 503, 504}
+    for target in pages.values():
+        block = f"location {target} {{" if target.startswith("@") else f"location = {target} {{"
+        body = conf.split(block)[1].split("}")[0]
+        assert re.search(r"return \d{3} '\{\"error\": ", body), (target, body)
 
 
 def test_prometheus_scrapes_bentos_from_files_and_nginx(settings):
@@ -80,4 +92,4 @@ def test_render_keeps_existing_deployments(settings):
     )
     configs.render(settings)
     assert "9999" in (settings.state / "nginx" / "upstreams" / "iris.conf").read_text()
-    assert "iris serving;" in (settings.state / "nginx" / "routes.conf").read_text()
+    assert "proxy_pass http://flywheel_iris/predict;" in (settings.state / "nginx" / "locations.conf").read_text()

@@ -60,12 +60,13 @@ def test_a_removed_pipeline_keeps_its_route_while_it_serves_and_loses_everything
     routes.sync(settings, reload=False)
     (settings.pipelines_dir / "wine.yaml").unlink()
     routes.sync(settings, reload=False)
-    conf = (settings.state / "nginx" / "routes.conf").read_text()
-    assert "wine serving;" in conf and "iris waiting;" in conf
+    conf = (settings.state / "nginx" / "locations.conf").read_text()
+    assert "proxy_pass http://flywheel_wine/predict;" in conf
+    assert "no model of iris is serving yet" in conf
     (settings.state / "deployments" / "wine.json").unlink()  # retired
     assert routes.sync(settings, reload=False)
-    conf = (settings.state / "nginx" / "routes.conf").read_text()
-    assert "wine" not in conf
+    assert "wine" not in (settings.state / "nginx" / "locations.conf").read_text()
+    assert "wine" not in (settings.state / "nginx" / "routes.conf").read_text()
     assert not (settings.state / "nginx" / "upstreams" / "wine.conf").exists()
     assert not (settings.state / "prometheus" / "targets" / "wine.json").exists()
     assert "wine" not in routes.assigned(settings)
@@ -87,8 +88,23 @@ def test_the_body_limit_admits_the_largest_legal_request_of_every_pipeline():
     iris = pipelines.load(REPO_ROOT / "pipelines" / "iris.yaml")
     rows = [{name: -1.2345678901234567e-308 for name in iris.features}] * 1000  # the Bentos' limit
     body = json.dumps({"inputs": rows})
-    assert len(body) <= iris.plugin.largest_request(iris) <= routes.body_limit([iris])
+    assert len(body) <= iris.plugin.largest_request(iris) <= routes.body_limit(iris)
+    assert routes.body_buffer(routes.body_limit(iris)) == routes.body_limit(iris), "a table request stays in memory"
     digits = pipelines.load(REPO_ROOT / "pipelines" / "digits.yaml")
     h, w = digits.image_shape
     images = [[[-1.2345678901234567e-308] * w] * h] * 256
-    assert len(json.dumps({"inputs": images})) <= digits.plugin.largest_request(digits)
+    assert len(json.dumps({"inputs": images})) <= digits.plugin.largest_request(digits) <= routes.body_limit(digits)
+
+
+def test_each_pipeline_has_its_own_body_limit_and_bounded_buffer(settings):
+    add(settings, "iris")
+    (settings.pipelines_dir / "mnist.yaml").write_text((REPO_ROOT / "pipelines" / "mnist.yaml").read_text())
+    routes.sync(settings, reload=False)
+    conf = (settings.state / "nginx" / "locations.conf").read_text()
+    limits = {
+        block.split("/")[1]: int(block.split("client_max_body_size ")[1].split(";")[0])
+        for block in conf.split("location = ")[1:]
+    }
+    assert limits["iris"] < 1 << 20 < limits["mnist"], limits  # a 4-feature route does not take megabytes
+    buffers = [int(b.split(";")[0]) for b in conf.split("client_body_buffer_size ")[1:]]
+    assert max(buffers) <= 256 << 10
