@@ -12,7 +12,7 @@ ML := .venv/ml
 MINIO_PINNED := .cache/bin/minio-$(MINIO_VERSION)
 FLYWHEEL := $(PLATFORM)/bin/flywheel
 
-.PHONY: install system-packages demo up down status lint test test-unit test-ml test-e2e test-compose bench clean
+.PHONY: install system-packages lock demo up down status lint test test-unit test-compose bench clean
 
 install: system-packages $(PLATFORM)/.installed $(ML)/.installed .cache/bin/minio
 
@@ -86,6 +86,7 @@ bench: install
 	$(PLATFORM)/bin/python bench/upload_to_serving.py --runs 3
 	$(PLATFORM)/bin/python bench/bento_tuning.py
 	$(PLATFORM)/bin/python bench/serving.py
+	$(PLATFORM)/bin/python bench/slow_clients.py
 	$(ML)/bin/python bench/training_overhead.py --runs 3
 
 clean: down

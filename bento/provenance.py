@@ -1,5 +1,6 @@
 """What every Flywheel Bento shares: the model it was built for, provenance in each answer, quiet 400s,
-a request log off the hot path, and a fix for BentoML's timeout timers.
+a request log and an inference spool off the hot path, a fix for BentoML's timeout timers, and
+answers written whole.
 
 flywheel.build copies this file beside the service into each build folder, so a built bento stays
 self-contained and immutable.
@@ -18,6 +19,7 @@ from typing import Annotated
 from bentoml._internal.server.http import traffic
 from bentoml.validators import ContentType
 from pydantic import ValidationError
+from uvicorn.protocols.http import httptools_impl
 
 # Written by flywheel.build into the build folder: each bento serves exactly this model tag, never
 # "latest" (a bento built for v2 once served v3 that way).
@@ -87,13 +89,90 @@ class RequestLog:
 REQUEST_LOG = RequestLog(os.environ.get("FLYWHEEL_REQUEST_LOG"))
 
 
-def answer(ctx, predictions: list, started: float, now: float, **log_fields) -> dict:
-    """The response body, with provenance in it and in the headers; one request-log line."""
+class InferenceSpool:
+    """One JSON line per answer (request id, version, role, inputs, predictions, latency) appended to
+    the file FLYWHEEL_INFERENCE_SPOOL names, once a second; the inference service ships it
+    (flywheel/inference/records.py has the format). As with the request log, a request costs a list
+    append and the flush does the rest. Bounded: past MAX_BYTES unshipped (the inference service
+    away), answers are counted in `dropped`, not spooled."""
+
+    FLUSH_SECONDS = 1.0
+    MAX_BYTES = 200 * 1024 * 1024
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self.pending: list[tuple] = []
+        self.scheduled = False
+        self.dropped = 0
+
+    def add(self, request_id: str, role: str, inputs, predictions: list, ms: float) -> None:
+        if self.path is None:
+            return
+        self.pending.append((time.time(), request_id, role, inputs, predictions, ms))
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        lines, self.pending = self.pending, []
+        if not lines or self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists() and self.path.stat().st_size > self.MAX_BYTES:
+                self.dropped += len(lines)
+                return
+            pipeline, version = MODEL["pipeline"], str(MODEL["version"])
+            with self.path.open("a") as f:
+                f.write(
+                    "".join(
+                        json.dumps(
+                            {
+                                "t": at,
+                                "id": rid,
+                                "pipeline": pipeline,
+                                "version": version,
+                                "role": role,
+                                "inputs": _plain(inputs),
+                                "predictions": predictions,
+                                "ms": round(ms, 3),
+                            }
+                        )
+                        + "\n"
+                        for at, rid, role, inputs, predictions, ms in lines
+                    )
+                )
+        except OSError:
+            self.dropped += len(lines)
+
+
+def _plain(inputs) -> list:
+    """Table rows as plain lists (pydantic RootModels until now); anything else as given."""
+    if inputs is None:
+        return []
+    return [getattr(row, "root", row) for row in inputs]
+
+
+SPOOL = InferenceSpool(os.environ.get("FLYWHEEL_INFERENCE_SPOOL"))
+# Which arm of a rollout a request went to, as Nginx says (flywheel/platform/routes.py); production
+# when nothing says otherwise.
+ROLES = frozenset({"production", "candidate", "shadow"})
+
+
+def answer(ctx, predictions: list, started: float, now: float, inputs=None, **log_fields) -> dict:
+    """The response body, with provenance in it and in the headers; one request-log line and one
+    spooled record (the inputs are what feedback joins labels to)."""
     incoming = ctx.request.headers.get("x-request-id", "")
     request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    role = ctx.request.headers.get("x-flywheel-role", "")
+    role = role if role in ROLES else "production"
     ctx.response.headers.update(HEADERS)
     ctx.response.headers["X-Request-Id"] = request_id
-    REQUEST_LOG.add(request_id, " ".join(f"{k}={v}" for k, v in log_fields.items()), (now - started) * 1000)
+    ctx.response.headers["X-Model-Role"] = role
+    ms = (now - started) * 1000
+    REQUEST_LOG.add(request_id, " ".join(f"{k}={v}" for k, v in log_fields.items()), ms)
+    SPOOL.add(request_id, role, inputs, predictions, ms)
     return {"predictions": predictions, **META}
 
 
@@ -133,6 +212,59 @@ async def _timeout_middleware(self, scope, receive, send) -> None:
 
 if os.environ.get("FLYWHEEL_TIMER_FIX", "on") != "off":  # "off" only for bench/bento_tuning.py
     traffic.TimeoutMiddleware.__call__ = _timeout_middleware
+
+
+class _HeldWrites:
+    """A transport stand-in that keeps what is written (the head of a response) instead of sending it."""
+
+    def __init__(self) -> None:
+        self.held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.held.append(data)
+
+
+class _WithHead:
+    """The real transport, whose next write sends the held head and the body in one write."""
+
+    def __init__(self, transport, head: bytes) -> None:
+        self.transport, self.head = transport, head
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(self.head + data)
+
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
+
+
+async def _send_head_with_body(self, message) -> None:
+    """uvicorn's httptools cycle writes a response's head and its body in two writes, so a server killed
+    between them leaves Nginx a head without a body: it has already answered the client's headers and
+    cannot pass the request to another replica, and the client's connection is cut. Held back and
+    written with the first part of the body, a response either reaches Nginx whole (headers at least
+    with their body's start) or not at all, which Nginx retries on the next replica."""
+    if message["type"] == "http.response.start" and not self.response_started:
+        real, self.transport = self.transport, _HeldWrites()
+        try:
+            await _uvicorn_send(self, message)
+        finally:
+            self._flywheel_head, self.transport = b"".join(self.transport.held), real
+        return
+    head = getattr(self, "_flywheel_head", b"")
+    if head and message["type"] == "http.response.body":
+        self._flywheel_head, real = b"", self.transport
+        self.transport = _WithHead(real, head)
+        try:
+            await _uvicorn_send(self, message)
+        finally:
+            self.transport = real
+        return
+    await _uvicorn_send(self, message)
+
+
+_uvicorn_send = httptools_impl.RequestResponseCycle.send
+if os.environ.get("FLYWHEEL_HEAD_WITH_BODY", "on") != "off":
+    httptools_impl.RequestResponseCycle.send = _send_head_with_body
 
 
 class _BadInputAsInfo(logging.Filter):

@@ -97,4 +97,4 @@ class TablePredictor:
         predicted = self.model.predict(np.asarray([row.root for row in inputs], dtype=np.float32))
         # Classifiers answer their class labels, regressors their values.
         predictions = [CLASSES[int(i)] for i in predicted] if CLASSES else np.asarray(predicted, float).tolist()
-        return answer(ctx, predictions, started, time.perf_counter(), rows=len(inputs))
+        return answer(ctx, predictions, started, time.perf_counter(), inputs=inputs, rows=len(inputs))

@@ -5,7 +5,9 @@ bridge turns the bucket notification into an event on the dataset asset), or by 
 to train on, validates the upload, trains and gates a challenger in MLflow, and emits the
 production-model asset only when the challenger is promoted; `account` records every upload the run
 saw, whatever happened. deploy_<pipeline> runs on that event: it builds a Bento from exactly that
-registered version and rolls it out blue/green behind Nginx, emitting the deployment asset.
+registered version and rolls it out behind Nginx, blue/green or live (the pipeline's `rollout:`):
+`judge` then decides step by step on live traffic, deferred on the triggerer between looks, and
+the deployment asset is emitted once the new version takes all traffic.
 
 Asset view:  s3://datasets/<p>  ->  train_<p>  ->  model://<p>/production  ->  deploy_<p>  ->  deployment://<p>/production
 
@@ -23,6 +25,7 @@ from airflow.sdk import DAG, Asset, Param, task
 
 from flywheel.core import pipelines
 from flywheel.core.settings import Settings
+from flywheel.orchestration.judge import JudgeRollout
 
 START = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
@@ -130,7 +133,7 @@ def deploy_dag(p: pipelines.Pipeline) -> DAG:
         default_args=DEFAULT_ARGS,
         max_active_runs=1,
         tags=["flywheel", "deploy", p.name],
-        doc_md=f"Build and roll out the production **{p.name}** model behind Nginx (blue/green).",
+        doc_md=f"Build and roll out the production **{p.name}** model behind Nginx ({p.rollout.strategy}).",
     ) as dag:
 
         @task
@@ -139,15 +142,14 @@ def deploy_dag(p: pipelines.Pipeline) -> DAG:
 
             return tasks.build(p.name, tasks.newest_production(triggering_asset_events))
 
-        @task(outlets=[deployment])
-        def rollout(built: dict, *, outlet_events=None) -> dict:
+        @task
+        def rollout(built: dict) -> dict:
             from flywheel.orchestration import tasks
 
-            extra = tasks.rollout(p.name, built)
-            outlet_events[deployment].extra = extra
-            return extra
+            return tasks.rollout(p.name, built)
 
-        rollout(build())
+        # A failed guardrail fails it at once (the candidate is already stopped): no retry.
+        rollout(build()) >> JudgeRollout(task_id="judge", pipeline=p.name, outlets=[deployment])
     return dag
 
 

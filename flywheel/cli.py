@@ -20,7 +20,7 @@ from flywheel.operations.parked import DEAD_LETTERS, HELD
 from flywheel.operations.rollback import RollbackImpossible, rollback
 from flywheel.orchestration import bridge
 from flywheel.platform import stack
-from flywheel.serving import rollout
+from flywheel.serving import live, rollout
 from flywheel.training import samples
 
 
@@ -59,6 +59,9 @@ def cmd_status(settings: Settings, args) -> int:
                 print(status.render(status.pipeline_status(settings, p, mlflow, airflow)))
             except Exception as exc:  # one pipeline's trouble does not hide the others
                 print(f"{p.name}: could not read its state: {exc}")
+            if state := live.load(settings, p.name):
+                ended = state.summary if state.status == live.RUNNING else f"{state.status}: {state.reason}"
+                print(f"  rollout       v{state.version} against v{state.baseline or '-'}: {ended}")
             m = stats.get(p.name, {})
             print(
                 f"  traffic       {_fmt(m.get('rps'), '.1f')} req/s, errors {_fmt(m.get('error_rate'), '.1%')}, "
@@ -171,6 +174,48 @@ def cmd_rollback(settings: Settings, args) -> int:
         with Client(settings) as client:
             version = client.wait_for_version(args.pipeline, row, str(extra["rollback_from"]), progress=_say)
         _say(f"v{version} serving")
+    return 0
+
+
+def cmd_rollout(settings: Settings, args) -> int:
+    """A live rollout: where it stands, the figures per arm, and what the judge waits for; or a decision by hand."""
+    spec = pipelines.get(settings.pipelines_dir, args.pipeline)
+    if args.promote or args.abort:
+        try:
+            state = live.request(settings, args.pipeline, "promote" if args.promote else "abort")
+        except ValueError as exc:
+            _say(f"error: {exc}")
+            return 1
+        decided = "promoted" if args.promote else "rolled back"
+        _say(f"{args.pipeline}: v{state.version} will be {decided} at the judge's next look")
+        return 0
+    state = live.load(settings, args.pipeline)
+    if state is None:
+        _say(f"{args.pipeline}: no live rollout yet (rollout.strategy: {spec.rollout.strategy})")
+        return 0
+    print(f"{args.pipeline}: v{state.version} against production v{state.baseline or '-'} ({state.strategy})")
+    if state.status != live.RUNNING:
+        print(f"  ended         {state.status}: {state.reason}")
+        return 0
+    print(f"  now           {state.summary}, for {time.time() - state.step_started_at:.0f} s")
+    fig = live.figures(settings, spec, state)
+    for role, arm in fig["arms"].items():
+        score = arm["live"].get("score")
+        print(
+            f"  {role:<13} v{arm['version']}: {arm.get('requests', 0)} requests, "
+            f"errors {_fmt(arm.get('error_ratio'), '.1%')}, p99 {_fmt(arm.get('p99_ms'), '.1f')} ms, "
+            f"live {spec.metric} {_fmt(score, '.3f')} "
+            f"on {arm['live'].get('rows', 0)} labelled rows"
+        )
+    if state.phase == "shadow":
+        s = fig["shadow"]
+        print(
+            f"  shadow        {s['requests']} mirrored requests compared, disagreement {_fmt(s['disagreement'], '.1%')}"
+        )
+    failed = live.guardrails(spec, spec.rollout, fig, state.phase)
+    ready, waiting_for = live.step_done(spec.rollout, state, fig, time.time())
+    nxt = f"abort: {'; '.join(failed)}" if failed else "next step" if ready else f"waiting: {waiting_for}"
+    print(f"  next decision {nxt}")
     return 0
 
 
@@ -294,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-id", help="start from an answer's X-Request-Id")
     p.add_argument("--json", action="store_true", help="one JSON document")
     p.set_defaults(func=cmd_lineage)
+    p = sub.add_parser("rollout", help="a live rollout: step, traffic, figures per arm; or decide it by hand")
+    p.add_argument("pipeline")
+    decide = p.add_mutually_exclusive_group()
+    decide.add_argument("--promote", action="store_true", help="the candidate takes all traffic now")
+    decide.add_argument("--abort", action="store_true", help="all traffic back to production now")
+    p.set_defaults(func=cmd_rollout)
     p = sub.add_parser("retire", help="stop serving a pipeline (its route goes once its file is removed)")
     p.add_argument("pipeline")
     p.set_defaults(func=cmd_retire)

@@ -3,6 +3,10 @@
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = os.getenv("WRK_BODY") or '{"inputs": [[5.1, 3.5, 1.4, 0.2]]}'
+-- An API key, where /predict wants one (FLYWHEEL_API_KEYS).
+if os.getenv("WRK_API_KEY") and os.getenv("WRK_API_KEY") ~= "" then
+   wrk.headers["Authorization"] = "Bearer " .. os.getenv("WRK_API_KEY")
+end
 
 done = function(summary, latency, requests)
    -- One line a program can read. errors.status counts answers that were not 2xx or 3xx.

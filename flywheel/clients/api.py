@@ -70,6 +70,12 @@ class Client:
         path = f"/{pipeline}/predict" if pipeline else "/predict"
         return self.http.post(path, json={"inputs": rows}, headers=self.headers(request_id))
 
+    def feedback(self, pipeline: str, labels: dict[str, object]) -> httpx.Response:
+        """The true outcome of earlier answers, by the request id they carried: POST /<pipeline>/feedback.
+        Its answer says, per item, which were matched (services/inference/app.py)."""
+        items = [{"request_id": rid, "label": label} for rid, label in labels.items()]
+        return self.http.post(f"/{pipeline}/feedback", json={"feedback": items}, headers=self.headers())
+
     def served(self, pipeline: str, row: list) -> dict | None:
         """The answer to one row (its model and dataset), or None while nothing serves it."""
         try:

@@ -13,7 +13,7 @@ SCRIPT = REPO_ROOT / "bench" / "wrk" / "predict.lua"
 
 
 def wrk_command(
-    url: str, body: dict, connections: int, seconds: float, cpu: int | None = None
+    url: str, body: dict, connections: int, seconds: float, cpu: int | None = None, api_key: str = ""
 ) -> tuple[list[str], dict]:
     threads = max(1, min(2, connections))  # wrk refuses more threads than connections
     command = [
@@ -29,7 +29,7 @@ def wrk_command(
     ]
     if cpu is not None:  # keep the load generator off the server's core, or we measure their fight
         command = ["taskset", "-c", str(cpu), *command]
-    return command, {**os.environ, "WRK_BODY": json.dumps(body)}
+    return command, {**os.environ, "WRK_BODY": json.dumps(body), "WRK_API_KEY": api_key}
 
 
 def parse(output: str) -> dict:
@@ -44,15 +44,15 @@ def parse(output: str) -> dict:
     raise RuntimeError(f"wrk printed no result:\n{output[-2000:]}")
 
 
-def run(url: str, body: dict, connections: int, seconds: float, cpu: int | None = None) -> dict:
-    command, env = wrk_command(url, body, connections, seconds, cpu)
+def run(url: str, body: dict, connections: int, seconds: float, cpu: int | None = None, api_key: str = "") -> dict:
+    command, env = wrk_command(url, body, connections, seconds, cpu, api_key)
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return parse(out.stdout)
 
 
-def start(url: str, body: dict, connections: int, seconds: float) -> subprocess.Popen:
+def start(url: str, body: dict, connections: int, seconds: float, api_key: str = "") -> subprocess.Popen:
     """Load in the background; `finish` waits for it and parses its numbers."""
-    command, env = wrk_command(url, body, connections, seconds)
+    command, env = wrk_command(url, body, connections, seconds, api_key=api_key)
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

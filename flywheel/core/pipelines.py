@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -32,6 +33,38 @@ class Validation:
     min_class_fraction: float = 0.0
 
 
+STRATEGIES = ("bluegreen", "shadow", "canary", "ab")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How a promoted challenger goes live (`rollout:` in the pipeline file; serving/live.py)."""
+
+    strategy: str = "bluegreen"
+    steps: tuple[int, ...] = (10, 50, 100)  # canary: % of requests to the candidate, step by step
+    bake_seconds: float = 30.0  # per step, at least
+    min_requests: int = 50  # candidate answers per step before any decision
+    # Guardrails, the candidate against production over the same window:
+    error_ratio: float = 0.01  # more 5xx answers than production's ratio plus this
+    p99_ms: float = 100.0  # slower at p99 than production's plus this
+    live_score_drop: float = 0.05  # a live score (on feedback labels) lower by more than this
+    min_feedback: int = 30  # labelled rows per arm before the live score counts
+    shadow_sample: float = 1.0  # share of requests mirrored
+    shadow_min_requests: int = 200
+    shadow_max_disagreement: float = 0.2
+    shadow_then: str = "canary"  # canary | bluegreen
+    ab_split: int = 50  # % of keys to the candidate
+    ab_key: str = "X-User-Id"  # the request header that makes assignment sticky
+    ab_min_samples: int = 500  # labelled rows per arm before the test
+    ab_max_samples: int = 5000  # ...and the most it waits for before keeping production
+    ab_alpha: float = 0.05
+
+    @property
+    def live(self) -> bool:
+        """Whether a challenger is judged on live traffic before it is `production`."""
+        return self.strategy != "bluegreen"
+
+
 @dataclass(frozen=True)
 class Pipeline:
     name: str
@@ -54,6 +87,7 @@ class Pipeline:
     validation: Validation = Validation()
     batching: bool = False  # BentoML adaptive batching for the served model (serving.batching)
     replicas: int = 2  # Bento servers per colour behind Nginx, spread over the cores (serving.replicas)
+    rollout: Rollout = Rollout()
     source: str = ""
 
     # Asset URIs: the names the Airflow Asset view shows.
@@ -182,6 +216,7 @@ def parse(data: Any, source: str) -> Pipeline:
         "holdout",
         "validation",
         "serving",
+        "rollout",
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -239,6 +274,7 @@ def parse(data: Any, source: str) -> Pipeline:
     if not isinstance(replicas, int):
         raise PipelineError(f"{source}: field 'serving.replicas' must be a whole number, got {replicas!r}")
     return Pipeline(
+        rollout=parse_rollout(_section(data, "rollout", source), source),
         batching=batching,
         replicas=replicas,
         name=name,
@@ -262,6 +298,73 @@ def parse(data: Any, source: str) -> Pipeline:
         ),
         source=source,
         **fields,
+    )
+
+
+def parse_rollout(data: dict, source: str) -> Rollout:
+    """The `rollout:` block: every field optional, the defaults in `Rollout`."""
+    d = Rollout()
+    unknown = sorted(set(data) - {"strategy", "steps", "bake_seconds", "min_requests", "guardrails", "shadow", "ab"})
+    if unknown:
+        raise PipelineError(f"{source}: unknown field(s) rollout.{', rollout.'.join(unknown)}")
+    strategy = data.get("strategy", d.strategy)
+    if strategy not in STRATEGIES:
+        raise PipelineError(
+            f"{source}: field 'rollout.strategy' is {strategy!r}; expected one of {', '.join(STRATEGIES)}"
+        )
+    steps = data.get("steps", list(d.steps))
+    if (
+        not isinstance(steps, list)
+        or not steps
+        or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 100 for x in steps)
+        or steps != sorted(set(steps))
+        or steps[-1] != 100
+    ):
+        raise PipelineError(
+            f"{source}: field 'rollout.steps' must be rising percentages ending at 100, e.g. [10, 50, 100]; "
+            f"got {steps!r}"
+        )
+    guard = _section(data, "guardrails", source)
+    shadow = _section(data, "shadow", source)
+    ab = _section(data, "ab", source)
+    for name, section, keys in (
+        ("guardrails", guard, {"error_ratio", "p99_ms", "live_score_drop", "min_feedback"}),
+        ("shadow", shadow, {"sample", "min_requests", "max_disagreement", "then"}),
+        ("ab", ab, {"split", "key", "min_samples", "max_samples", "alpha"}),
+    ):
+        if extra := sorted(set(section) - keys):
+            raise PipelineError(f"{source}: unknown field(s) rollout.{name}.{f', rollout.{name}.'.join(extra)}")
+    then = shadow.get("then", d.shadow_then)
+    if then not in ("canary", "bluegreen"):
+        raise PipelineError(f"{source}: field 'rollout.shadow.then' is {then!r}; expected canary or bluegreen")
+    key = ab.get("key", d.ab_key)
+    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{0,63}", key):
+        raise PipelineError(f"{source}: field 'rollout.ab.key' must be a request header name, got {key!r}")
+    where = "rollout."
+    return Rollout(
+        strategy=strategy,
+        steps=tuple(steps),
+        bake_seconds=float(_number(data, "bake_seconds", source, d.bake_seconds, 0, 3600, where)),
+        min_requests=int(_number(data, "min_requests", source, d.min_requests, 0, 10**6, where)),
+        error_ratio=float(_number(guard, "error_ratio", source, d.error_ratio, 0, 1, where + "guardrails.")),
+        p99_ms=float(_number(guard, "p99_ms", source, d.p99_ms, 0, 60_000, where + "guardrails.")),
+        live_score_drop=float(
+            _number(guard, "live_score_drop", source, d.live_score_drop, 0, None, where + "guardrails.")
+        ),
+        min_feedback=int(_number(guard, "min_feedback", source, d.min_feedback, 1, 10**6, where + "guardrails.")),
+        shadow_sample=float(_number(shadow, "sample", source, d.shadow_sample, 0.01, 1, where + "shadow.")),
+        shadow_min_requests=int(
+            _number(shadow, "min_requests", source, d.shadow_min_requests, 1, 10**6, where + "shadow.")
+        ),
+        shadow_max_disagreement=float(
+            _number(shadow, "max_disagreement", source, d.shadow_max_disagreement, 0, 1, where + "shadow.")
+        ),
+        shadow_then=then,
+        ab_split=int(_number(ab, "split", source, d.ab_split, 1, 99, where + "ab.")),
+        ab_key=key,
+        ab_min_samples=int(_number(ab, "min_samples", source, d.ab_min_samples, 2, 10**7, where + "ab.")),
+        ab_max_samples=int(_number(ab, "max_samples", source, d.ab_max_samples, 2, 10**7, where + "ab.")),
+        ab_alpha=float(_number(ab, "alpha", source, d.ab_alpha, 0.0001, 0.5, where + "ab.")),
     )
 
 

@@ -22,6 +22,7 @@ from flywheel.core.upload import Upload
 
 PRODUCTION = "production"
 PREVIOUS = "previous"  # the rollback target
+CANDIDATE = "candidate"  # a challenger that won offline, judged on live traffic (serving/live.py)
 
 SMOKE_ARTIFACT = "smoke/holdout.json"  # holdout rows the deploy step replays through a new Bento
 LEDGER_ARTIFACT = "flywheel/uploads.json"
@@ -64,6 +65,10 @@ PRODUCTION_SCORE = "flywheel.production_score"
 # What became of its deployment.
 DEPLOYMENT = "flywheel.deployment"  # serving, retired or failed
 DEPLOYMENT_REASON = "flywheel.deployment_reason"
+# Its live rollout: `running: <step>`, `promoted: <why>` or `aborted: <guardrail, figures>`; an A/B
+# test's figures, test, p-value and decision (JSON).
+ROLLOUT = "flywheel.rollout"
+AB_TEST = "flywheel.ab_test"
 
 PROMOTED, NOT_PROMOTED, SKIPPED = "promoted", "rejected", "skipped"  # DECISION values
 REJECTED, FAILED = "rejected", "failed"  # STATUS values: the upload broke a rule; a step failed
@@ -411,6 +416,11 @@ class VersionRecord:
     @property
     def deployment_reason(self) -> str:
         return self.tags.get(DEPLOYMENT_REASON, "")
+
+    @property
+    def rollout(self) -> str:
+        """How its live rollout went (`running: …`, `promoted: …`, `aborted: …`); empty for blue/green."""
+        return self.tags.get(ROLLOUT, "")
 
 
 def version_tags(pipeline: str, upload: Upload, contract: Contract, evaluation: Evaluation) -> dict[str, str]:

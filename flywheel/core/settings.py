@@ -105,6 +105,10 @@ def ensure_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+# Where the inference service writes what was answered and the feedback on it (inference/collector.py).
+INFERENCE_BUCKET = "inference"
+
+
 @dataclass(frozen=True)
 class Ports:
     minio: int = 9000
@@ -117,6 +121,7 @@ class Ports:
     prometheus: int = 9090
     alertmanager: int = 9093
     bridge: int = 8090
+    inference: int = 8095
     airflow_scheduler_health: int = 8974
     bento_base: int = 3100  # each pipeline gets a block of ports from here, recorded (flywheel/routes.py)
 
@@ -135,6 +140,9 @@ class Retention:
     alerts_hours: float = 30 * 24  # recorded alerts, and what waits in the outbox
     dead_letters_hours: float = 90 * 24
     access_log_mb: int = 50  # Nginx's access log is rotated past this; ACCESS_LOGS_KEPT are kept
+    inference_index_hours: float = 7 * 24  # answers kept for feedback to match (once in MinIO)
+    inference_index_rows: int = 1_000_000  # ...and at most this many per pipeline
+    inference_days: float = 90  # Parquet answers and feedback in s3://inference (a bucket lifecycle rule)
     prometheus_time: str = "15d"  # Prometheus' TSDB (--storage.tsdb.retention.time)
     prometheus_size: str = "1GB"  # ...and its cap on disk (--storage.tsdb.retention.size)
 
@@ -173,10 +181,13 @@ class Settings:
         """Environment overrides `.env`; ports come from FLYWHEEL_<NAME>_PORT."""
         env = dict(os.environ if environ is None else environ)
         repo = Path(env.get("FLYWHEEL_REPO", REPO_ROOT))
-        env_file = repo / ".env"
-        if env.get("FLYWHEEL_ENV_FILE") == "none":  # a step: it has what it needs in its environment
+        # FLYWHEEL_ENV_FILE: another file than the repository's `.env` (a test stack's own), or `none`
+        # (a step: it has what it needs in its environment).
+        chosen = env.get("FLYWHEEL_ENV_FILE", "")
+        if chosen == "none":
             file_values = {}
         else:
+            env_file = Path(chosen) if chosen else repo / ".env"
             file_values = ensure_env_file(env_file) if create_secrets else read_env_file(env_file)
         merged = {**file_values, **env}
         ports = Ports(
@@ -279,6 +290,15 @@ class Settings:
     @property
     def prometheus_url(self) -> str:
         return self.url(self.ports.prometheus)
+
+    @property
+    def inference_url(self) -> str:
+        return self.url(self.ports.inference)
+
+    @property
+    def inference_spool(self) -> Path:
+        """Where each Bento replica spools its answers for the inference service (inference/records.py)."""
+        return self.state / "inference" / "spool"
 
     def port_env(self) -> dict[str, str]:
         return {f"FLYWHEEL_{name.upper()}_PORT": str(port) for name, port in asdict(self.ports).items()}

@@ -164,9 +164,12 @@ def task_failed(context) -> None:
     dag_id, task_id = ti.dag_id, ti.task_id
     pipeline = dag_id.split("_", 1)[1] if "_" in dag_id else dag_id
     error = context.get("exception")
-    kind = {"validate": "dataset rejected", "rollout": "deploy failed", "build": "deploy failed"}.get(
-        task_id, "task failed"
-    )
+    kind = {
+        "validate": "dataset rejected",
+        "rollout": "deploy failed",
+        "build": "deploy failed",
+        "judge": "rollout rolled back",
+    }.get(task_id, "task failed")
     labels = {"pipeline": pipeline, "dag_id": dag_id, "task_id": task_id, "run_id": ti.run_id, "severity": "ticket"}
     notify(Settings.load(), [alert("airflow", f"Flywheel: {kind}", f"{dag_id}.{task_id}: {error}", labels)])
 

@@ -141,6 +141,8 @@ def chain(settings: Settings, pipeline: str, version: str | None = None) -> dict
                     "decision": record.decision,
                     "deployment": record.deployment or "never deployed",
                     "deployment_reason": record.deployment_reason,
+                    **({"live_rollout": record.rollout} if record.rollout else {}),
+                    **({"ab_test": record.tags[schema.AB_TEST]} if schema.AB_TEST in record.tags else {}),
                 },
             ),
         ]

@@ -8,7 +8,8 @@ from flywheel.clients import prometheus
 from flywheel.core.settings import Settings
 
 # Every metric name dashboards and rules may use: the Bentos' own, the Nginx exporter's, the events
-# bridge's and Prometheus' `up`. The embedded e2e test checks that the live stack exports each of them.
+# bridge's, the inference service's and Prometheus' `up`. The embedded e2e test checks that the live
+# stack exports each of them.
 EXPORTED = frozenset(
     {
         "bentoml_service_request_duration_seconds_bucket",
@@ -28,6 +29,8 @@ EXPORTED = frozenset(
         "up",
         "flywheel_bridge_dead_letters",
         "flywheel_bridge_events_total",
+        "flywheel_live_score",
+        "flywheel_inference_unshipped",
     }
 )
 WINDOW = "1m"

@@ -12,7 +12,7 @@ that `flywheel status` shows:
   a step in the ML environment); production, previous and whatever serves are always kept.
 - **airflow**: Airflow's run metadata (`airflow db clean`) and task log files past their age.
 - **files**: recorded alerts and the outbox, dead letters, each past its age; Nginx's access log
-  rotated past its size (Nginx reopens it on USR1). Prometheus keeps its TSDB by its own flags.
+  copied and emptied past its size. Prometheus keeps its TSDB by its own flags.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import datetime
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from flywheel.core import pipelines, schema
 from flywheel.core.settings import Retention, Settings, write_private
 from flywheel.operations import alerts
 from flywheel.operations.parked import DEAD_LETTERS
-from flywheel.platform import deployments, supervisor
+from flywheel.platform import deployments, topology
 
 ACCESS_LOGS_KEPT = 3
 # Before a version's upload and its MLflow run: its asset event comes after the upload, and its Airflow
@@ -171,12 +172,24 @@ def lineage_floor(settings: Settings, versions: dict[str, set[str]]) -> datetime
     return min(moments) - LINEAGE_MARGIN if moments else None
 
 
+def airflow_database(settings: Settings) -> str:
+    """Airflow's metadata database, for `airflow db clean`. A task's own environment names a blocked
+    one (Airflow 3 keeps task code off the database), so: compose passes the real one as
+    FLYWHEEL_AIRFLOW_DATABASE; embedded mode's is the SQLite file topology gives Airflow."""
+    return (
+        os.environ.get("FLYWHEEL_AIRFLOW_DATABASE")
+        or topology.airflow_env(settings)["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    )
+
+
 def airflow(settings: Settings, retention: Retention, env: dict[str, str]) -> dict:
     """`airflow db clean` of run metadata past its age (never past what a protected version's lineage
     needs), and task log files past their age."""
     cutoff = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=retention.airflow_hours)
     if (floor := lineage_floor(settings, protected_versions(settings))) is not None:
         cutoff = min(cutoff, floor)
+    env = {k: v for k, v in env.items() if k != "AIRFLOW__CORE__SQL_ALCHEMY_CONN"}
+    env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = airflow_database(settings)
     cleaned = subprocess.run(
         [
             str(settings.venv_platform / "bin" / "airflow"),
@@ -216,7 +229,13 @@ def files(settings: Settings, retention: Retention) -> dict:
 
 
 def rotate_access_log(settings: Settings, megabytes: int) -> bool:
-    """Past its size, nginx-access.log becomes .1 (.1 becomes .2, ...) and Nginx reopens it (USR1)."""
+    """Past its size, nginx-access.log is copied to .1 (.1 becomes .2, ...) and emptied in place.
+
+    Copy and truncate rather than rename and reopen (USR1): run as root, Nginx's workers are `nobody`,
+    cannot open a path in the private state folder, and would go on writing to the renamed file.
+    Nginx appends (O_APPEND), so it writes at the start of the emptied file; lines written between
+    the copy and the truncation (an instant) are lost.
+    """
     log = settings.logs / "nginx-access.log"
     if not log.exists() or log.stat().st_size < megabytes * 2**20:
         return False
@@ -224,8 +243,8 @@ def rotate_access_log(settings: Settings, megabytes: int) -> bool:
         older = log.with_name(f"{log.name}.{i}")
         if older.exists():
             older.replace(log.with_name(f"{log.name}.{i + 1}"))
-    log.replace(log.with_name(f"{log.name}.1"))
-    supervisor.signal(settings, "nginx", "USR1")
+    shutil.copyfile(log, log.with_name(f"{log.name}.1"))
+    os.truncate(log, 0)
     return True
 
 

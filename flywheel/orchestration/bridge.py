@@ -31,6 +31,7 @@ from flywheel.core.upload import Upload
 from flywheel.operations import alerts
 from flywheel.operations.parked import DEAD_LETTERS, HELD
 from flywheel.orchestration import notifications
+from flywheel.serving import live
 from flywheel.training import ledger
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's handler: lines reach the bridge's log
@@ -237,3 +238,27 @@ class Bridge:
                 )
                 emitted.append(pipeline.name)
         return emitted
+
+    def watch_rollouts(self) -> list[str]:
+        """A live rollout nobody has judged for live.ORPHANED_SECONDS (its deploy run gone for good) is
+        ended: all traffic back to production, so traffic never stays split with nobody deciding."""
+        ended = []
+        for pipeline in pipelines.load_all(self.settings.pipelines_dir)[0]:
+            state = live.orphaned(self.settings, pipeline.name)
+            if state is None:
+                continue
+            idle = time.time() - state.heartbeat
+            live.abort(self.settings, pipeline, state, f"no judge looked at it for {idle:.0f} s", log=log.warning)
+            alerts.notify(
+                self.settings,
+                [
+                    alerts.alert(
+                        "bridge",
+                        "Flywheel: rollout rolled back",
+                        f"{pipeline.name} v{state.version}: its judge stopped looking; v{state.baseline} serves",
+                        {"pipeline": pipeline.name, "version": state.version},
+                    )
+                ],
+            )
+            ended.append(pipeline.name)
+        return ended

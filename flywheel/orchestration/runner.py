@@ -95,9 +95,11 @@ def run_docker(settings: Settings, spec: StepSpec, image: str = TRAINER_IMAGE) -
         spec.command(CONTAINER_RESULT),
         environment={**container_env(settings), "PYTHONUNBUFFERED": "1", "FLYWHEEL_ENV_FILE": "none"},
         network=NETWORK,
+        volumes=shared_mounts(client, settings),
         detach=True,
         labels={"flywheel.step": spec.module},
     )
+    print(f"[runner] {spec.module} runs in container {container.short_id} of {image}", flush=True)
     tail: deque[str] = deque(maxlen=20)
     try:
         for chunk in container.logs(stream=True, follow=True):
@@ -113,6 +115,20 @@ def run_docker(settings: Settings, spec: StepSpec, image: str = TRAINER_IMAGE) -
             return StepResult.from_json(archive.extractfile(stat["name"]).read())
     finally:
         container.remove(force=True)
+
+
+def shared_mounts(client, settings: Settings) -> dict[str, dict]:
+    """Run by a task in a container (compose), a step mounts two of that container's mounts: the state
+    volume (the Bento store a build writes to) and the pipeline files, live; no other (the secrets)."""
+    if not Path("/.dockerenv").exists():
+        return {}
+    wanted = {str(settings.state), str(settings.pipelines_dir)}
+    own = client.containers.get(os.environ["HOSTNAME"]).attrs["Mounts"]
+    return {
+        m.get("Name") or m["Source"]: {"bind": m["Destination"], "mode": "rw" if m.get("RW") else "ro"}
+        for m in own
+        if m["Destination"] in wanted
+    }
 
 
 def run_kubernetes(settings: Settings, spec: StepSpec, image: str = TRAINER_IMAGE) -> StepResult:

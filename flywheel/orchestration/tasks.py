@@ -21,6 +21,8 @@ from flywheel.core.steps import REJECTED, StepSpec
 from flywheel.core.upload import Upload
 from flywheel.operations import alerts, retention
 from flywheel.orchestration import runner
+from flywheel.platform import deployments
+from flywheel.serving import live
 from flywheel.serving import rollout as serving
 from flywheel.training import ledger, planning
 
@@ -217,20 +219,38 @@ def build(pipeline_name: str, production: dict) -> dict:
 
 
 def rollout(pipeline_name: str, built: dict) -> dict:
+    """Blue/green: the new version serves when this returns. A live strategy with a production to
+    judge it against: the candidate's replicas are proven and get their first share of traffic;
+    `judge` decides the rest."""
     settings = Settings.load()
     pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
+    serving_now = deployments.current(settings, pipeline_name)
+    if (
+        pipeline.rollout.live
+        and not built.get("rollback_from")
+        and serving_now is not None
+        and serving_now.version != str(built["version"])
+    ):
+        candidate = serving.start_candidate(settings, pipeline, built["version"], built["bento_tag"], log=log.info)
+        state = live.begin(settings, pipeline, candidate, log=log.info)
+        return {"pipeline": pipeline_name, "version": candidate.version, "judging": True, "rollout": state.summary}
     d = serving.rollout(settings, pipeline, built["version"], built["bento_tag"], log=log.info)
     if built.get("rollback_from"):
         summary = f"{pipeline_name} rolled back from v{built['rollback_from']} to v{d.version}: now serving"
         labels = {"pipeline": pipeline_name, "severity": "info", "version": d.version}
         alerts.notify(settings, [alerts.alert("airflow", "Flywheel: rollback", summary, labels, status="resolved")])
-    return {
-        "pipeline": d.pipeline,
-        "version": d.version,
-        "bento_tag": d.bento_tag,
-        "colour": d.colour,
-        "url": f"{settings.predict_url}/{d.pipeline}/predict",
-    }
+    return live.deployment_extra(settings, pipeline_name) or {}
+
+
+def judge(pipeline_name: str, rolled: dict | None) -> dict:
+    """One look at a live rollout (serving/live.py): {status: running, wait} or promoted/aborted, with
+    what serves afterwards. A blue/green rollout has nothing to judge."""
+    if not rolled or not rolled.get("judging"):
+        return {"status": live.PROMOTED, "wait": 0, "reason": "blue/green", "deployment": rolled or {}}
+    settings = Settings.load()
+    pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
+    verdict = live.judge(settings, pipeline, log=log.info)
+    return dataclasses.asdict(verdict)
 
 
 def retention_task(store: str, params: dict | None) -> dict:

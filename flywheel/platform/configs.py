@@ -87,6 +87,7 @@ def prometheus_conf(settings: Settings) -> str:
         .replace("@PROMETHEUS@", at(s.ports.prometheus))
         .replace("@ALERTMANAGER@", at(s.ports.alertmanager))
         .replace("@BRIDGE@", at(s.ports.bridge))
+        .replace("@INFERENCE@", at(s.ports.inference))
         .replace("@RULES@", str(s.repo / "services" / "prometheus" / "rules.yml"))
     )
 

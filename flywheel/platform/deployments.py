@@ -3,6 +3,9 @@
 A deployment is one colour's replicas of one Bento, each a supervisord program pinned to a core,
 behind Nginx. serving/rollout.py decides what to deploy and when to switch; this module starts and
 stops the replicas and keeps the records routes.py points Nginx and Prometheus at.
+
+During a live rollout (serving/live.py) a pipeline has a second record, its candidate: the other
+colour's replicas and the share of traffic they get (`Traffic`), in `deployments/candidates/`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,24 @@ class Deployment:
     def programs(self) -> list[str]:
         """Its replicas as supervisord names them (group:program)."""
         return [f"{self.group}:{replica_name(self.pipeline, self.colour, i)}" for i in range(len(self.ports))]
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What a candidate gets: `split` (weight % of requests, at random), `sticky` (weight % of the
+    values of the request header `key`; requests without it go to production) or `mirror` (a copy of
+    `sample` of the requests, whose answers nobody sees)."""
+
+    mode: str = "split"
+    weight: int = 0
+    key: str = ""
+    sample: float = 1.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    deployment: Deployment
+    traffic: Traffic
 
 
 def group_name(pipeline: str, colour: str) -> str:
@@ -82,6 +103,39 @@ def record(settings: Settings, pipeline: str, deployment: Deployment | None) -> 
     os.replace(tmp, path)
 
 
+def _candidates(settings: Settings) -> Path:
+    return _folder(settings) / "candidates"
+
+
+def candidate(settings: Settings, pipeline: str) -> Candidate | None:
+    """The pipeline's candidate under a live rollout, if one is."""
+    path = _candidates(settings) / f"{pipeline}.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    deployment = record["deployment"]
+    deployment["ports"] = tuple(deployment["ports"])
+    return Candidate(Deployment(**deployment), Traffic(**record["traffic"]))
+
+
+def all_candidates(settings: Settings) -> list[Candidate]:
+    return [c for path in sorted(_candidates(settings).glob("*.json")) if (c := candidate(settings, path.stem))]
+
+
+def record_candidate(
+    settings: Settings, pipeline: str, deployment: Deployment | None, traffic: Traffic | None = None
+) -> None:
+    """The candidate and its share of traffic from now on (None: no candidate). routes.sync makes Nginx follow."""
+    path = _candidates(settings) / f"{pipeline}.json"
+    if deployment is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"deployment": asdict(deployment), "traffic": asdict(traffic or Traffic())}))
+    os.replace(tmp, path)
+
+
 def listen_address(host: str) -> str:
     """Where a Bento listens: `host` itself if it is an IP address (embedded mode's 127.0.0.1), else
     every interface. BentoML takes only addresses; a host name is compose's `serving`, the container
@@ -109,7 +163,11 @@ def start_replicas(settings: Settings, pipeline: str, colour: str, bento_tag: st
             str(port),
         ]
         name = replica_name(pipeline, colour, i)
-        env = {**settings.serving_env(), "FLYWHEEL_REQUEST_LOG": str(settings.logs / f"{name}.requests.log")}
+        env = {
+            **settings.serving_env(),
+            "FLYWHEEL_REQUEST_LOG": str(settings.logs / f"{name}.requests.log"),
+            "FLYWHEEL_INFERENCE_SPOOL": str(settings.inference_spool / pipeline / f"{name}.jsonl"),
+        }
         sections.update(supervisor.program(settings, name, command, env, priority=200, cpus=supervisor.cpus_for(i)))
         names.append(name)
     supervisor.add_group(settings, group, {**sections, **supervisor.group(group, names)})

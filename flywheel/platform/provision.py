@@ -15,6 +15,7 @@ import httpx
 from flywheel.clients import objectstore
 from flywheel.core.settings import (
     AIRFLOW_USERS,
+    INFERENCE_BUCKET,
     ML_ACCESS_KEY,
     MLFLOW_ADMIN_USER,
     MLFLOW_SERVICE_USER,
@@ -37,8 +38,9 @@ class ProvisionError(RuntimeError):
 
 
 def ml_policy(settings: Settings) -> dict:
-    """What the platform's MinIO identity may do: read datasets, read and write MLflow's artifacts."""
-    datasets, artifacts = settings.datasets_bucket, settings.mlflow_bucket
+    """What the platform's MinIO identity may do: read datasets, read and write MLflow's artifacts, and
+    write and read the inference log (never delete it: its bucket's lifecycle rule does)."""
+    datasets, artifacts, inference = settings.datasets_bucket, settings.mlflow_bucket, INFERENCE_BUCKET
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -56,6 +58,16 @@ def ml_policy(settings: Settings) -> dict:
                 "Effect": "Allow",
                 "Action": ["s3:*"],
                 "Resource": [f"arn:aws:s3:::{artifacts}", f"arn:aws:s3:::{artifacts}/*"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetBucketLocation", "s3:ListBucket"],
+                "Resource": [f"arn:aws:s3:::{inference}"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:PutObject"],
+                "Resource": [f"arn:aws:s3:::{inference}/*"],
             },
         ],
     }
@@ -77,6 +89,14 @@ def retention_policy(settings: Settings) -> dict:
                 "Action": ["s3:GetObjectVersion", "s3:DeleteObjectVersion"],
                 "Resource": [f"arn:aws:s3:::{datasets}/*"],
             },
+            # MinIO checks s3:DeleteObject for a delete by version id too; allowed only with one, so
+            # this identity can neither delete an upload nor hide it behind a delete marker.
+            {
+                "Effect": "Allow",
+                "Action": ["s3:DeleteObject"],
+                "Resource": [f"arn:aws:s3:::{datasets}/*"],
+                "Condition": {"StringLike": {"s3:versionid": ["?*"]}},
+            },
         ],
     }
 
@@ -85,9 +105,10 @@ def buckets(settings: Settings) -> None:
     """Buckets, versioning, the webhook notification and the platform's own MinIO identity (with
     only the rights it needs)."""
     from minio import MinioAdmin
-    from minio.commonconfig import ENABLED
+    from minio.commonconfig import ENABLED, Filter
     from minio.credentials import StaticProvider
     from minio.error import MinioAdminException
+    from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
     from minio.notificationconfig import NotificationConfig, QueueConfig
     from minio.versioningconfig import VersioningConfig
 
@@ -103,10 +124,16 @@ def buckets(settings: Settings) -> None:
         with contextlib.suppress(MinioAdminException):  # attached at an earlier `up`
             admin.attach_policy([access_key], user=access_key)
     client = objectstore.client(settings, root=True)
-    for bucket in (settings.datasets_bucket, settings.mlflow_bucket):
+    for bucket in (settings.datasets_bucket, settings.mlflow_bucket, INFERENCE_BUCKET):
         if not client.bucket_exists(bucket):
             client.make_bucket(bucket)
     client.set_bucket_versioning(settings.datasets_bucket, VersioningConfig(ENABLED))
+    # The inference log's retention: MinIO expires its objects itself.
+    days = max(1, round(settings.retention.inference_days))
+    expire = Rule(
+        ENABLED, rule_filter=Filter(prefix=""), rule_id="flywheel-retention", expiration=Expiration(days=days)
+    )
+    client.set_bucket_lifecycle(INFERENCE_BUCKET, LifecycleConfig([expire]))
     arn = f"arn:minio:sqs::{WEBHOOK_ID}:webhook"
     client.set_bucket_notification(
         settings.datasets_bucket,

@@ -82,12 +82,16 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     }
 
 
+AIRFLOW_MAIN = "flywheel.orchestration.airflow_main"
+
+
 def services(settings: Settings) -> list[Service]:
     s = settings
     p = s.ports
     platform_bin = s.venv_platform / "bin"
     ml_bin = s.venv_ml / "bin"
-    airflow = str(platform_bin / "airflow")
+    # Airflow's own CLI, behind a wrapper that applies one upstream fix first (orchestration/airflow_main.py).
+    airflow = [str(platform_bin / "python"), "-m", AIRFLOW_MAIN]
     # Airflow's own settings and secrets, and what its tasks need to reach MinIO and MLflow.
     airflow_service_env = {**airflow_env(s), **s.client_env()}
     return [
@@ -145,7 +149,7 @@ def services(settings: Settings) -> list[Service]:
         ),
         Service(
             "airflow-api-server",
-            [airflow, "api-server", "--host", s.host, "--port", str(p.airflow), "--workers", "1"],
+            [*airflow, "api-server", "--host", s.host, "--port", str(p.airflow), "--workers", "1"],
             f"{s.airflow_url}/api/v2/monitor/health",
             airflow_service_env,
             priority=30,
@@ -154,14 +158,14 @@ def services(settings: Settings) -> list[Service]:
         # task logs from the log folder both share.
         Service(
             "airflow-scheduler",
-            [airflow, "scheduler", "--skip-serve-logs"],
+            [*airflow, "scheduler", "--skip-serve-logs"],
             f"{s.url(p.airflow_scheduler_health)}/health",
             airflow_service_env,
             priority=40,
         ),
-        Service("airflow-dag-processor", [airflow, "dag-processor"], None, airflow_service_env, priority=40),
+        Service("airflow-dag-processor", [*airflow, "dag-processor"], None, airflow_service_env, priority=40),
         Service(
-            "airflow-triggerer", [airflow, "triggerer", "--skip-serve-logs"], None, airflow_service_env, priority=40
+            "airflow-triggerer", [*airflow, "triggerer", "--skip-serve-logs"], None, airflow_service_env, priority=40
         ),
         Service(
             "events-bridge",
@@ -180,6 +184,27 @@ def services(settings: Settings) -> list[Service]:
             f"{s.url(p.bridge)}/health",
             s.client_env(),
             priority=50,
+        ),
+        # What the Bentos answered and the feedback on it: their spool into SQLite and MinIO, live
+        # scores out (services/inference/app.py). The ML environment: pyarrow writes the Parquet.
+        Service(
+            "inference",
+            [
+                str(ml_bin / "uvicorn"),
+                "app:app",
+                "--app-dir",
+                str(s.repo / "services" / "inference"),
+                "--host",
+                s.host,
+                "--port",
+                str(p.inference),
+                "--log-level",
+                "warning",
+            ],
+            f"{s.inference_url}/health",
+            # The platform's MinIO identity (it writes s3://inference), and no other secret.
+            {**s.serving_env(), "FLYWHEEL_ML_SECRET_KEY": s.secrets["FLYWHEEL_ML_SECRET_KEY"]},
+            priority=55,
         ),
         Service(
             "nginx",

@@ -29,9 +29,11 @@ def prune(plan: dict) -> dict:
     import bentoml
 
     deleted, kept = [], []
+    # The whole store, filtered here: listing by a name nothing was built under raises NotFound.
+    all_bentos, all_models = bentoml.bentos.list(), bentoml.models.list()
     for pipeline, rule in plan.items():
-        bentos = _versions(bentoml.bentos.list(f"flywheel-{pipeline}"), f"flywheel-{pipeline}")
-        models = _versions(bentoml.models.list(pipeline), pipeline)
+        bentos = _versions(all_bentos, f"flywheel-{pipeline}")
+        models = _versions(all_models, pipeline)
         protected = {int(v) for v in rule["keep"]}
         newest = sorted((bentos | models) - protected, reverse=True)[: int(rule["newest"])]
         for version in sorted(bentos | models):

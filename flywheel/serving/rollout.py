@@ -99,10 +99,70 @@ def aliases_follow_what_serves(settings: Settings, pipeline: Pipeline, failed: s
         return moved
 
 
+def aliases_name_what_serves(settings: Settings, pipeline: Pipeline, version: str) -> None:
+    """A version that went live without a live rollout (the first one, a rollback, blue/green) is
+    `production`, even if training named it `candidate` (a live strategy with nothing to compare to)."""
+    name = pipeline.model_name
+    with MlflowAPI.connect(settings) as mlflow:
+        if mlflow.version_by_alias(name, schema.CANDIDATE) == version:
+            mlflow.delete_alias(name, schema.CANDIDATE)
+        old = mlflow.version_by_alias(name, schema.PRODUCTION)
+        if old != version:
+            if old is not None:
+                mlflow.set_alias(name, schema.PREVIOUS, old)
+            mlflow.set_alias(name, schema.PRODUCTION, version)
+
+
 def switch(settings: Settings, pipeline: str, deployment: Deployment | None) -> None:
     """What serves the pipeline from now on: its record, then Nginx's routes and the scrape targets."""
     deployments.record(settings, pipeline, deployment)
     routes.sync(settings)
+
+
+def _start_and_prove(
+    settings: Settings, pipeline: Pipeline, version: str, bento_tag: str, colour: str, ready_timeout: float, log
+) -> tuple[Deployment, dict]:
+    """The colour's replicas of the Bento, started, ready, and each reproducing the recorded holdout score."""
+    ports = routes.replica_ports(settings, pipeline.name, colour, pipeline.replicas)
+    deployments.stop_replicas(settings, pipeline.name, colour)
+    deployments.start_replicas(settings, pipeline.name, colour, bento_tag, ports)
+    deployment = Deployment(pipeline.name, str(version), bento_tag, colour, tuple(ports), time.time())
+    smoke = load_smoke_set(settings, pipeline.name, version)
+    for i, port in enumerate(ports):
+        url = settings.url(port)
+        stack.wait_healthy(f"{url}/readyz", ready_timeout, deployments.replica_name(pipeline.name, colour, i))
+        got = smoke_test(url, version, smoke)
+        log(
+            f"replica {i} ({url}) answers as v{version}: {smoke['metric']} {got:.4f} on {len(smoke['truth'])} "
+            f"holdout rows (recorded {smoke['recorded']:.4f})"
+        )
+    return deployment, smoke
+
+
+def idle_colour(live: Deployment | None) -> str:
+    return "blue" if live is None or live.colour == "green" else "green"
+
+
+def start_candidate(
+    settings: Settings, pipeline: Pipeline, version: str, bento_tag: str, ready_timeout: float = 180, log=print
+) -> Deployment:
+    """A live rollout's first step: the challenger's replicas on the idle colour, proven as for blue/green,
+    taking no traffic yet (serving/live.py gives it its share). On failure they stop and production serves on."""
+    live = deployments.current(settings, pipeline.name)
+    colour = idle_colour(live)
+    group = deployments.group_name(pipeline.name, colour)
+    log(f"starting {bento_tag} as the candidate, {group}; v{live.version} serves")
+    try:
+        deployment, _ = _start_and_prove(settings, pipeline, version, bento_tag, colour, ready_timeout, log)
+    except (DeployFailed, stack.StackError, RuntimeError, httpx.HTTPError) as exc:
+        deployments.stop_replicas(settings, pipeline.name, colour)
+        reason = f"{pipeline.name} v{version} not deployed as a candidate, v{live.version} serves on: {exc}"
+        mark(settings, pipeline.name, version, schema.DEPLOY_FAILED, reason)
+        with MlflowAPI.connect(settings) as mlflow:
+            if mlflow.version_by_alias(pipeline.model_name, schema.CANDIDATE) == str(version):
+                mlflow.delete_alias(pipeline.model_name, schema.CANDIDATE)
+        raise DeployFailed(reason) from exc
+    return deployment
 
 
 def rollout(
@@ -110,25 +170,13 @@ def rollout(
 ) -> Deployment:
     """Start the idle colour's replicas, prove each, switch Nginx, stop the old colour; on failure keep the old."""
     live = deployments.current(settings, pipeline.name)
-    colour = "blue" if live is None or live.colour == "green" else "green"
-    ports = routes.replica_ports(settings, pipeline.name, colour, pipeline.replicas)
+    colour = idle_colour(live)
     group = deployments.group_name(pipeline.name, colour)
     keeps = f"{live.group} (v{live.version}) keeps serving" if live else "nothing was serving"
-    log(f"starting {bento_tag} as {group}: {len(ports)} replica(s) on ports {ports}; {keeps} meanwhile")
-    deployments.stop_replicas(settings, pipeline.name, colour)
-    deployments.start_replicas(settings, pipeline.name, colour, bento_tag, ports)
-    deployment = Deployment(pipeline.name, str(version), bento_tag, colour, tuple(ports), time.time())
+    log(f"starting {bento_tag} as {group}: {pipeline.replicas} replica(s); {keeps} meanwhile")
     switched = False
     try:
-        smoke = load_smoke_set(settings, pipeline.name, version)
-        for i, port in enumerate(ports):
-            url = settings.url(port)
-            stack.wait_healthy(f"{url}/readyz", ready_timeout, deployments.replica_name(pipeline.name, colour, i))
-            got = smoke_test(url, version, smoke)
-            log(
-                f"replica {i} ({url}) answers as v{version}: {smoke['metric']} {got:.4f} on {len(smoke['truth'])} "
-                f"holdout rows (recorded {smoke['recorded']:.4f})"
-            )
+        deployment, smoke = _start_and_prove(settings, pipeline, version, bento_tag, colour, ready_timeout, log)
         log(f"switching Nginx to {group}")
         switch(settings, pipeline.name, deployment)
         switched = True
@@ -142,7 +190,14 @@ def rollout(
         if moved := aliases_follow_what_serves(settings, pipeline, str(version), live):
             reason += f"; {moved}"
         raise DeployFailed(reason) from exc
-    mark(settings, pipeline.name, version, schema.SERVING, f"{group} on ports {list(ports)} since {time.ctime()}")
+    mark(
+        settings,
+        pipeline.name,
+        version,
+        schema.SERVING,
+        f"{group} on ports {list(deployment.ports)} since {time.ctime()}",
+    )
+    aliases_name_what_serves(settings, pipeline, str(version))
     if live is not None and live.colour != colour:
         time.sleep(DRAIN_SECONDS)  # requests in flight on the old colour finish
         deployments.stop_replicas(settings, pipeline.name, live.colour)

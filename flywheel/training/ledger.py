@@ -58,10 +58,12 @@ def account(
     for event in events:
         extra = event.get("extra") or {}
         uploaded = extra.get("event_time")
-        if uploaded and parse_time(uploaded) > planned_at - CLOCK_MARGIN:
-            break
         upload = Upload.from_dict({"pipeline": "", "bucket": "", "key": "", **extra})
-        if planned is not None and upload.same_as(planned):
+        planned_one = planned is not None and upload.same_as(planned)
+        # The plan's own upload was listed, however close its event is to the listing.
+        if not planned_one and uploaded and parse_time(uploaded) > planned_at - CLOCK_MARGIN:
+            break
+        if planned_one:
             role, why = outcome, by
         else:
             role, why = "superseded", planned.key if planned else by

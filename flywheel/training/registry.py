@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flywheel.core.schema import PREVIOUS, PRODUCTION
+from flywheel.core.schema import CANDIDATE, PREVIOUS, PRODUCTION
 
 
 def ensure_model(client, name: str) -> None:
@@ -27,9 +27,14 @@ def current_version(client, name: str, alias: str = PRODUCTION) -> str | None:
         return None
 
 
-def promote(client, name: str, version: str) -> str | None:
-    """Point `production` at `version`; the version it replaces becomes `previous`."""
+def promote(client, name: str, version: str, live: bool = False) -> str | None:
+    """Point `production` at `version`; the version it replaces becomes `previous`. With a live rollout
+    (the pipeline's rollout.strategy) and a production to judge it against, `version` becomes the
+    `candidate` instead, and `production` moves only once it wins live (serving/live.py)."""
     old = current_version(client, name)
+    if live and old is not None and old != version:
+        client.set_registered_model_alias(name, CANDIDATE, version)
+        return old
     if old is not None and old != version:
         client.set_registered_model_alias(name, PREVIOUS, old)
     client.set_registered_model_alias(name, PRODUCTION, version)

@@ -217,7 +217,9 @@ def run(
             tags=schema.version_tags(pipeline.name, upload, contract(pipeline, classes), evaluation),
         ).version
         version = str(version)
-        previous = registry.promote(client, pipeline.model_name, version) if decision.promote else None
+        previous = (
+            registry.promote(client, pipeline.model_name, version, pipeline.rollout.live) if decision.promote else None
+        )
         mlflow.set_tags(record.with_outcome(decision=verdict, reason=reason, model_version=version).tags())
     print(f"{verdict.upper()} {pipeline.name} v{version}: {reason}", file=sys.stderr, flush=True)
     return {

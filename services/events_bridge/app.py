@@ -103,6 +103,8 @@ async def control_loops(bridge: Bridge) -> None:
         "held uploads": lambda: (released := bridge.release_held()) and log.warning("released %s", released),
         "pipelines": bridge.watch_pipelines,
         "reconciler": bridge.reconcile_once,
+        # A live rollout whose judge is gone ends with production serving everything.
+        "rollouts": bridge.watch_rollouts,
         # Airflow's alerts the webhook did not take.
         "alert outbox": lambda: bridge.settings.alert_webhook and alerts.resend(bridge.settings),
     }

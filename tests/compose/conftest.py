@@ -2,7 +2,8 @@
 
 Run by tests/compose/run.sh (`make test-compose`), which has found or started the engine, found or
 built Compose v2, provided the base images and built ours; it hands over the Compose command and the
-run's credentials through FLYWHEEL_COMPOSE and FLYWHEEL_COMPOSE_ENV_FILE. Nothing here skips: without
+run's credentials through FLYWHEEL_COMPOSE and FLYWHEEL_COMPOSE_ENV_FILE, and the compose files
+(docker-compose.yml and the test's tests/compose/test.yml) through FLYWHEEL_COMPOSE_FILES. Nothing here skips: without
 them the tests fail and say how to run them.
 """
 
@@ -25,7 +26,10 @@ PROJECT = "flywheel-test"
 # Host ports: the defaults plus this, on 127.0.0.1 only, beside a developer's own stacks (embedded
 # mode's defaults, and the embedded e2e test's +10000).
 PORT_OFFSET = 20000
-PUBLISHED = ("nginx", "airflow", "mlflow", "minio", "minio_console", "prometheus", "alertmanager", "bridge")
+PUBLISHED = (
+    *("nginx", "airflow", "mlflow", "minio", "minio_console", "prometheus", "alertmanager", "bridge", "inference"),
+)
+WEBHOOK_PORT = 28181  # tests/compose/test.yml's receiver of the stack's alerts
 UP_TIMEOUT = 900  # seconds for `up --wait`: a cold 2-core machine, Airflow's 60 s health checks
 FIGURES: dict[str, float | str] = {}
 
@@ -39,16 +43,17 @@ def figure(name: str, value: float | str) -> None:
 class Compose:
     command: list[str]
     env_file: Path
+    files: list[str] = field(default_factory=lambda: ["-f", "docker-compose.yml"])
     profiles: list[str] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         ports = {f"FLYWHEEL_{name.upper()}_PORT": str(getattr(Ports(), name) + PORT_OFFSET) for name in PUBLISHED}
-        return {**os.environ, **ports, **self.environment}
+        return {**os.environ, **ports, "FLYWHEEL_WEBHOOK_TEST_PORT": str(WEBHOOK_PORT), **self.environment}
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         profiles = [arg for p in self.profiles for arg in ("--profile", p)]
-        command = [*self.command, "-p", PROJECT, "--env-file", str(self.env_file), *profiles, *args]
+        command = [*self.command, "-p", PROJECT, "--env-file", str(self.env_file), *self.files, *profiles, *args]
         result = subprocess.run(command, cwd=REPO_ROOT, env=self.env(), capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"{shlex.join(args[:3])} failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -87,7 +92,8 @@ def _compose() -> Compose:
     command, env_file = os.environ.get("FLYWHEEL_COMPOSE"), os.environ.get("FLYWHEEL_COMPOSE_ENV_FILE")
     if not command or not env_file:
         pytest.fail("tests/compose needs a Docker engine, images and credentials: run `make test-compose`")
-    return Compose(shlex.split(command), Path(env_file))
+    files = shlex.split(os.environ.get("FLYWHEEL_COMPOSE_FILES", "-f docker-compose.yml"))
+    return Compose(shlex.split(command), Path(env_file), files)
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +124,9 @@ def settings(compose) -> Settings:
     values = read_env_file(compose.env_file)
     ports = Ports(**{name: getattr(Ports(), name) + PORT_OFFSET for name in PUBLISHED})
     state = Path(tempfile.mkdtemp(prefix="flywheel-compose-test-"))
-    return Settings(repo=REPO_ROOT, state=state, ports=ports, secrets={n: values[n] for n in GENERATED_SECRETS})
+    keys = tuple(k for k in values.get("FLYWHEEL_API_KEYS", "").split(",") if k)
+    secrets = {n: values[n] for n in GENERATED_SECRETS}
+    return Settings(repo=REPO_ROOT, state=state, ports=ports, secrets=secrets, api_keys=keys)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test-compose`: compose mode for real. Builds every image from the repo's Dockerfiles, brings
 # docker-compose.yml up, and runs tests/compose/test_stack.py against it (upload -> served through
-# Nginx, Prometheus labels, Airflow's asset chain, a blue/green redeploy, a Celery worker's run).
+# Nginx, Prometheus labels, Airflow's asset chain, a blue/green redeploy, the promises under load,
+# API keys and alerts, steps in containers (FLYWHEEL_RUNNER=docker), a Celery worker's run).
 #
 # The Docker engine is the one DOCKER_HOST (or the default socket) names. Where none answers, a
 # private one is started in .cache/docker (tests/compose/engine.sh) and stopped afterwards, the host
@@ -78,7 +79,8 @@ say "base images ready in $(since "$standins_started")"
 
 # The builds trust what this host trusts: on the machines CI runs on, a local CA re-signs HTTPS, and
 # pip, uv and Go in the builds refused every download until they were given its certificate.
-files=(-f docker-compose.yml)
+# docker-compose.yml and the test's own additions (tests/compose/test.yml: the webhook receiver).
+files=(-f docker-compose.yml -f tests/compose/test.yml)
 if [ -z "${FLYWHEEL_CA_CERTIFICATES:-}" ] && [ -s /etc/ssl/certs/ca-certificates.crt ]; then
     export FLYWHEEL_CA_CERTIFICATES=/etc/ssl/certs/ca-certificates.crt
 fi
@@ -90,7 +92,20 @@ fi
 mkdir -p "$CACHE"
 rm -f "$CACHE/test.env"
 "$PYTHON" -c 'import sys; from pathlib import Path; from flywheel.core.settings import ensure_env_file; ensure_env_file(Path(sys.argv[1]))' "$CACHE/test.env"
+# Combined with the features embedded mode tests alone: API keys on /predict, alerts to a webhook
+# (the test's receiver container).
+{
+    echo "FLYWHEEL_API_KEYS=$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+    echo "FLYWHEEL_ALERT_WEBHOOK=http://webhook:8080/hook"
+} >>"$CACHE/test.env"
 export FLYWHEEL_COMPOSE_ENV_FILE=$CACHE/test.env
+export FLYWHEEL_COMPOSE_FILES="${files[*]}"
+# FLYWHEEL_RUNNER=docker (tests/compose/docker-runner.yml): the scheduler reaches this engine.
+socket=$(docker context inspect --format '{{.Endpoints.docker.Host}}' 2>/dev/null || true)
+socket=${DOCKER_HOST:-${socket:-unix:///var/run/docker.sock}}
+export FLYWHEEL_DOCKER_SOCKET=${socket#unix://}
+FLYWHEEL_DOCKER_GID=$(stat -c %g "$FLYWHEEL_DOCKER_SOCKET")
+export FLYWHEEL_DOCKER_GID
 
 # One service per image: Compose builds (and exports, ~50 s for a 3 GB image) an image once for each
 # service that names it, even when all of them hit the same cache.

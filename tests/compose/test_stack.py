@@ -3,7 +3,9 @@
 The stack is docker-compose.yml itself (conftest.py); the test talks to it only through the ports it
 publishes on 127.0.0.1 and through `docker compose exec`. Tests run in order and build on each other:
 one upload served, Prometheus and Airflow checked, a second upload served through a blue/green
-switch, then the `celery` profile's worker trains a third.
+switch; then features combined and the promises under load (loopback ports, no secret in `serving`,
+API keys, a burst of uploads, kill -9 of a replica under load, a rejection's alert at a webhook
+container), steps in containers (FLYWHEEL_RUNNER=docker), and the `celery` profile's worker.
 """
 
 from __future__ import annotations
@@ -11,19 +13,29 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from flywheel.clients import load as loadgen
 from flywheel.clients.airflow_rest import AirflowAPI
 from flywheel.clients.objectstore import client as minio_client
-from flywheel.core.settings import REPO_ROOT, Settings
-from tests.compose.conftest import Compose, figure
+from flywheel.core.settings import GENERATED_SECRETS, REPO_ROOT, Settings, read_env_file
+from tests.compose.conftest import WEBHOOK_PORT, Compose, figure
+from tests.e2e.stack_ops import IRIS_COLUMNS, TRAINING, csv_bytes, ledger, wait_until
 
 PIPELINE = "iris"
 ROW = [5.1, 3.5, 1.4, 0.2]
 DEADLINE = 900  # seconds from an upload to its version served: a cold 2-core machine
 STATE = "/var/lib/flywheel"
+SUPERVISORD_CONF = "/tmp/supervisord.conf"  # services/serving/supervise.py
+
+
+def iris_upload(i: int) -> bytes:
+    """A valid iris table, different for each i (rows rotated): every upload a new object version."""
+    k = i % len(TRAINING)
+    return csv_bytes(TRAINING[k:] + TRAINING[:k])
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +64,11 @@ def upload(settings: Settings, key: str, body: bytes) -> dict:
     return {"key": key, "etag": result.etag, "version_id": result.version_id, "at": time.monotonic()}
 
 
-def predict(settings: Settings, path: str = "/predict") -> httpx.Response:
-    return httpx.post(f"{settings.predict_url}{path}", json={"inputs": [ROW]}, timeout=30)
+def predict(settings: Settings, path: str = "/predict", key: str | None = None) -> httpx.Response:
+    """With this run's API key (run.sh turns keys on), unless the test names another ("" for none)."""
+    key = settings.client_api_key if key is None else key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{settings.predict_url}{path}", json={"inputs": [ROW]}, headers=headers, timeout=30)
 
 
 def wait_served(settings: Settings, newer_than: int, uploaded: dict) -> dict:
@@ -81,7 +96,7 @@ def deployment(compose: Compose) -> dict:
 
 def bento_programs(compose: Compose) -> dict[str, str]:
     """supervisord's Bento programs in `serving`: name -> state."""
-    out = compose.exec("serving", "supervisorctl", "-c", "/tmp/supervisord.conf", "status", check=False)
+    out = compose.exec("serving", "supervisorctl", "-c", SUPERVISORD_CONF, "status", check=False)
     rows = [line.split() for line in out.splitlines() if line.startswith("bento-")]
     return {row[0]: row[1] for row in rows}
 
@@ -233,10 +248,267 @@ def test_the_deploy_ran_in_the_scheduler_under_the_local_executor(compose, airfl
     assert task_hostname(airflow, f"deploy_{PIPELINE}", run["dag_run_id"], "rollout") == scheduler
 
 
+# --- security by default, in containers -------------------------------------------------------------
+
+
+def test_every_published_port_is_on_loopback_only(compose):
+    published = {}
+    for service in compose("ps", "--services").stdout.split():
+        for port, bindings in (compose.container(service)["NetworkSettings"]["Ports"] or {}).items():
+            for binding in bindings or []:
+                published[f"{service} {port}"] = binding["HostIp"]
+    assert published, "nothing is published"
+    assert {ip for ip in published.values()} == {"127.0.0.1"}, published
+
+
+def test_serving_holds_no_secret_and_mounts_no_secrets_volume(compose):
+    """`serving` runs what answers the world: Nginx and the Bentos get no credential of the stack."""
+    values = read_env_file(compose.env_file)
+    secrets = {values[name] for name in (*GENERATED_SECRETS, "FLYWHEEL_API_KEYS")}
+    serving = compose.container("serving")
+    env = dict(item.split("=", 1) for item in serving["Config"]["Env"])
+    assert not [name for name, value in env.items() if value in secrets]
+    assert not [m for m in serving["Mounts"] if m["Destination"].startswith("/var/lib/flywheel-secrets")]
+
+
+def test_predict_wants_an_api_key_and_says_so_in_json(settings, first):
+    for key in ("", "not-the-key-0123456789abcdef"):
+        denied = predict(settings, key=key)
+        assert denied.status_code == 401 and "API key" in denied.json()["error"], denied.text
+    assert predict(settings).status_code == 200
+
+
+def test_feedback_reaches_the_inference_container_and_the_log_lands_in_minio(settings, first):
+    """An answer's request id, then its label through Nginx's /iris/feedback (API key and all): the
+    inference container matched it to what serving spooled, and ships both to s3://inference."""
+    key = {"Authorization": f"Bearer {settings.client_api_key}"}
+    rid = f"compose-{time.time_ns()}"
+    answer = httpx.post(
+        f"{settings.predict_url}/iris/predict", json={"inputs": [ROW]}, headers={**key, "X-Request-Id": rid}, timeout=30
+    )
+    assert answer.status_code == 200 and answer.headers["x-model-role"] == "production", answer.text
+
+    def matched():
+        r = httpx.post(
+            f"{settings.predict_url}/iris/feedback",
+            json={"request_id": rid, "label": "setosa"},
+            headers=key,
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["items"][0]["matched"] and r.json()
+
+    body = wait_until(matched, 60, "the answer matched by its request id", interval=1)
+    assert body["items"][0]["version"] == answer.headers["x-model-version"]
+    denied = httpx.post(
+        f"{settings.predict_url}/iris/feedback", json={"request_id": rid, "label": "setosa"}, timeout=30
+    )
+    assert denied.status_code == 401 and "API key" in denied.json()["error"]
+    store = minio_client(settings, root=True)
+    for kind in ("answers", "feedback"):
+        wait_until(
+            lambda kind=kind: list(store.list_objects("inference", f"iris/{kind}/", recursive=True)),
+            60,
+            f"{kind} in s3://inference",
+        )
+
+
+# --- the promises under load --------------------------------------------------------------------------
+
+
+def served_version(settings: Settings) -> int:
+    r = predict(settings)
+    assert r.status_code == 200, r.text
+    return int(r.json()["model"]["version"])
+
+
+def wait_for_dataset(settings: Settings, uploaded: dict) -> dict:
+    """Until the answer comes from a model trained on exactly this upload."""
+    deadline = time.monotonic() + DEADLINE
+    body = {}
+    while time.monotonic() < deadline:
+        r = predict(settings)
+        body = r.json() if r.status_code == 200 else {}
+        if body and body["dataset"]["version_id"] == uploaded["version_id"]:
+            return {**body, "seconds": time.monotonic() - uploaded["at"]}
+        time.sleep(2)
+    raise AssertionError(f"{uploaded['key']} not served within {DEADLINE}s; last answer {body}")
+
+
+def test_a_burst_of_uploads_ends_with_the_newest_served_and_every_upload_accounted(settings, second):
+    n = 8
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        burst = list(pool.map(lambda i: upload(settings, f"{PIPELINE}/burst/{i:02d}.csv", iris_upload(i)), range(n)))
+    newest = upload(settings, f"{PIPELINE}/burst/zz-after.csv", iris_upload(n))
+    body = wait_for_dataset(settings, newest)
+    figure(f"burst of {n + 1} uploads, the newest served (s)", body["seconds"])
+    deadline, found = time.monotonic() + 300, {}
+    while time.monotonic() < deadline:
+        found = ledger(settings, PIPELINE)
+        if all(u["version_id"] in found for u in [*burst, newest]):
+            break
+        time.sleep(5)
+    stranded = [u["key"] for u in [*burst, newest] if u["version_id"] not in found]
+    assert stranded == [], f"uploads never accounted for: {stranded}"
+    assert found[newest["version_id"]]["role"] == "trained"
+    assert {found[u["version_id"]]["role"] for u in burst} <= {"trained", "superseded"}
+
+
+def serving_processes(compose: Compose) -> list[dict]:
+    """Every process in `serving`, read from its /proc: pid, parent, command line."""
+    script = (
+        "import json, os\n"
+        "out = []\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try:\n"
+        "        stat = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()\n"
+        "        cmd = open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\\0', b' ').decode().strip()\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    out.append({'pid': int(pid), 'ppid': int(stat[1]), 'cmd': cmd})\n"
+        "print(json.dumps(out))\n"
+    )
+    return json.loads(compose.exec("serving", "python", "-c", script))
+
+
+def orphans_in_serving(compose: Compose) -> list[dict]:
+    """What supervisord does not own: reparented to the container's init (PID 1), other than supervisord
+    itself; `docker exec`'s own processes have no parent in the container (0) and are not counted."""
+    procs = serving_processes(compose)
+    return [p for p in procs if p["ppid"] == 1 and "supervisord" not in p["cmd"]]
+
+
+def test_kill_9_of_a_replica_under_load_in_serving_costs_no_request(compose, settings):
+    programs = bento_programs(compose)
+    assert len(programs) >= 2 and set(programs.values()) == {"RUNNING"}, programs
+    names = sorted(programs)
+    load = loadgen.start(
+        f"{settings.predict_url}/{PIPELINE}/predict", {"inputs": [ROW]}, 8, 40, api_key=settings.client_api_key
+    )
+    recovered = []
+    try:
+        for k in range(4):
+            time.sleep(4)
+            name = names[k % len(names)]
+            pid = compose.exec("serving", "supervisorctl", "-c", SUPERVISORD_CONF, "pid", name).strip()
+            killed = time.monotonic()
+            compose.exec("serving", "sh", "-c", f"kill -9 {pid}")
+            deadline = killed + 60
+            while time.monotonic() < deadline:
+                now = compose.exec("serving", "supervisorctl", "-c", SUPERVISORD_CONF, "pid", name, check=False).strip()
+                if now.isdigit() and now not in ("0", pid) and bento_programs(compose).get(name) == "RUNNING":
+                    break
+                time.sleep(0.5)
+            else:
+                raise AssertionError(f"{name} not back within 60s of kill -9")
+            recovered.append(time.monotonic() - killed)
+    finally:
+        stats = loadgen.finish(load)
+    print(f"\n4 replica kills in serving, back in {min(recovered):.1f}-{max(recovered):.1f}s; {stats}")
+    figure("kill -9 of a replica under load: failed requests", f"{stats['failed']} of {stats['requests']}")
+    assert stats["failed"] == 0, stats
+    assert stats["requests"] > 100, stats
+    time.sleep(3)  # the reaper's event listener acts on the exit event
+    assert orphans_in_serving(compose) == []
+
+
+def received_alerts() -> list[dict]:
+    return httpx.get(f"http://127.0.0.1:{WEBHOOK_PORT}/received", timeout=10).json()
+
+
+def train_states(airflow: AirflowAPI, run: dict) -> dict[str, tuple[str, int]]:
+    return {
+        ti["task_id"]: (ti["state"], ti["try_number"])
+        for ti in airflow.task_instances(f"train_{PIPELINE}", run["dag_run_id"])
+    }
+
+
+def run_of(airflow: AirflowAPI, uploaded: dict, before: set[str], timeout: float = 600) -> dict:
+    """The finished train run that this upload's asset event triggered (Airflow's own record of it)."""
+    dag_id = f"train_{PIPELINE}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in airflow.dag_runs(dag_id):
+            if run["dag_run_id"] in before or run["state"] not in ("success", "failed"):
+                continue
+            events = airflow.get(f"/dags/{dag_id}/dagRuns/{run['dag_run_id']}/upstreamAssetEvents")["asset_events"]
+            if any((e.get("extra") or {}).get("version_id") == uploaded["version_id"] for e in events):
+                return run
+        time.sleep(2)
+    raise AssertionError(f"no finished {dag_id} run triggered by {uploaded['key']} within {timeout}s")
+
+
+def reject_one(settings: Settings, airflow: AirflowAPI, key: str) -> dict:
+    """An upload without the target column: rejected by validate, on its first try, with an alert."""
+    before = {r["dag_run_id"] for r in airflow.dag_runs(f"train_{PIPELINE}")}
+    version = served_version(settings)
+    bad = upload(settings, key, csv_bytes([r[:4] for r in TRAINING], columns=IRIS_COLUMNS))
+    run = run_of(airflow, bad, before)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        alerts = [a for a in received_alerts() if a["name"] == "Flywheel: dataset rejected" and key in a["summary"]]
+        if alerts:
+            break
+        time.sleep(2)
+    else:
+        raise AssertionError(f"no alert for {key} at the webhook container: {received_alerts()}")
+    assert alerts[0]["labels"]["pipeline"] == PIPELINE and "required columns" in alerts[0]["summary"]
+    assert served_version(settings) == version, "the model before the rejected upload serves on"
+    return {**bad, "run": run, "states": train_states(airflow, run)}
+
+
+@pytest.fixture(scope="module")
+def rejected_locally(settings, airflow, second) -> dict:
+    return reject_one(settings, airflow, f"{PIPELINE}/no-target.csv")
+
+
+def test_a_rejected_upload_alerts_the_webhook_container(rejected_locally):
+    assert rejected_locally["states"]["validate"] == ("failed", 1), rejected_locally["states"]
+
+
+# --- steps in containers: FLYWHEEL_RUNNER=docker ----------------------------------------------------------
+
+
+def task_log(compose: Compose, run: dict, task_id: str) -> str:
+    """The task's log, from the state volume where Airflow writes it."""
+    folder = f"{STATE}/logs/airflow/dag_id={run['dag_id']}/run_id={run['dag_run_id']}/task_id={task_id}"
+    return compose.exec("serving", "sh", "-c", f'cat "{folder}"/*.log', check=False)
+
+
+def test_the_docker_runner_runs_every_step_in_its_own_container(compose, settings, airflow, rejected_locally):
+    compose.files += ["-f", "tests/compose/docker-runner.yml"]
+    try:
+        figure("up --wait, docker runner (s)", compose.up())
+        assert "FLYWHEEL_RUNNER=docker" in compose.container("airflow-scheduler")["Config"]["Env"]
+        version = served_version(settings)
+        good = upload(settings, f"{PIPELINE}/docker-runner.csv", iris_upload(40))
+        body = wait_for_dataset(settings, good)
+        figure("upload -> served, docker runner (s)", body["seconds"])
+        assert int(body["model"]["version"]) > version
+        train = newest_run(airflow, f"train_{PIPELINE}")
+        deploy = newest_run(airflow, f"deploy_{PIPELINE}")
+        for run, task, module in (
+            (train, "validate", "flywheel.training.validate"),
+            (train, "train", "flywheel.training.train"),
+            (deploy, "build", "flywheel.serving.build"),
+        ):
+            assert f"[runner] {module} runs in container" in task_log(compose, run, task), (run["dag_id"], task)
+        # A rejection is the same outcome whichever runner ran the step: the same task states.
+        rejected = reject_one(settings, airflow, f"{PIPELINE}/no-target-in-a-container.csv")
+        assert rejected["states"] == rejected_locally["states"]
+        left = subprocess.run(
+            ["docker", "ps", "--all", "--quiet", "--filter", "label=flywheel.step"], capture_output=True, text=True
+        )
+        assert left.stdout.split() == [], "every step container is removed"
+    finally:
+        del compose.files[-2:]
+
+
 # --- scale-out: the celery profile ---------------------------------------------------------------------
 
 
 def test_a_celery_worker_trains_with_the_celery_profile(compose, settings, airflow, iris_csv, second):
+    version = served_version(settings)
     compose.profiles = ["celery"]
     compose.environment["AIRFLOW__CORE__EXECUTOR"] = "CeleryExecutor"
     figure("up --wait, celery profile (s)", compose.up())
@@ -245,7 +517,7 @@ def test_a_celery_worker_trains_with_the_celery_profile(compose, settings, airfl
     assert "AIRFLOW__CORE__EXECUTOR=CeleryExecutor" in scheduler["Config"]["Env"]
 
     uploaded = upload(settings, f"{PIPELINE}/third.csv", iris_csv)
-    served = wait_served(settings, int(second["served"]["model"]["version"]), uploaded)
+    served = wait_served(settings, version, uploaded)
     figure("third upload -> served, Celery worker (s)", served["seconds"])
     train = newest_run(airflow, f"train_{PIPELINE}")
     assert train["state"] == "success", train

@@ -31,7 +31,7 @@ def test_lineage_dataset_to_deployment(dagbag):
     assert [a.uri for a in train.timetable.asset_condition.objects] == ["s3://datasets/iris"]
     assert [o.uri for o in train.get_task("publish").outlets] == ["model://iris/production"]
     assert [a.uri for a in deploy.timetable.asset_condition.objects] == ["model://iris/production"]
-    assert [o.uri for o in deploy.get_task("rollout").outlets] == ["deployment://iris/production"]
+    assert [o.uri for o in deploy.get_task("judge").outlets] == ["deployment://iris/production"]
     assert train.max_active_runs == 1
 
 

@@ -66,6 +66,8 @@ def stack_settings(request, alert_inbox):
         "FLYWHEEL_STATE_DIR": str(state),
         "FLYWHEEL_PIPELINES_DIR": str(state / "pipelines"),
         "FLYWHEEL_ALERT_WEBHOOK": alert_inbox.url,
+        # The stack's own credentials, beside it: a developer's `.env` is never touched.
+        "FLYWHEEL_ENV_FILE": str(state / "e2e.env"),
     }
     env.update({f"FLYWHEEL_{name.upper()}_PORT": str(port + PORT_OFFSET) for name, port in vars(Ports()).items()})
     with pytest.MonkeyPatch.context() as mp:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,9 +16,11 @@ import httpx
 import pytest
 from minio.error import S3Error
 
+from flywheel.clients import load as loadgen
+from flywheel.clients.api import Client
 from flywheel.clients.objectstore import client as minio_client
-from flywheel.core.settings import MLFLOW_ADMIN_USER, MLFLOW_SERVICE_USER, write_private
-from flywheel.platform import configs, reaper, routes
+from flywheel.core.settings import MLFLOW_ADMIN_USER, MLFLOW_SERVICE_USER, Settings, write_private
+from flywheel.platform import deployments, reaper, stack, supervisor
 from tests.e2e.stack_ops import DEADLINE, TRAINING, csv_bytes, put, served, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -89,7 +94,7 @@ def test_prometheus_cannot_be_reloaded_or_stopped_over_http(stack_settings):
 def test_the_state_folder_is_private_and_secrets_are_in_private_files(stack_settings):
     assert stat.S_IMODE(stack_settings.state.stat().st_mode) == 0o700
     for path in [
-        stack_settings.repo / ".env",
+        Path(os.environ["FLYWHEEL_ENV_FILE"]),  # the stack's .env
         stack_settings.state / "supervisord.conf",
         stack_settings.state / "nginx" / "api_keys.conf",
         stack_settings.airflow_home / "passwords.json",
@@ -146,24 +151,58 @@ def test_the_platform_identity_reads_datasets_and_writes_only_mlflow(stack_setti
     assert anonymous.status_code == 403
 
 
-def test_predict_takes_api_keys_when_configured(stack_settings):
-    key = "e2e-key-0123456789abcdef"
-    keyed = dataclasses.replace(stack_settings, api_keys=(key,))
-    conf = stack_settings.state / "nginx" / "api_keys.conf"
+def set_api_keys(keys: str) -> None:
+    """FLYWHEEL_API_KEYS in the stack's env file, then `flywheel up`: as an operator turns keys on, rotates
+    them, or turns them off."""
+    env_file = Path(os.environ["FLYWHEEL_ENV_FILE"])
+    lines = [line for line in env_file.read_text().splitlines() if not line.startswith("FLYWHEEL_API_KEYS=")]
+    write_private(env_file, "\n".join([*lines, f"FLYWHEEL_API_KEYS={keys}"]) + "\n")
+    stack.up(Settings.load(), progress=lambda _: None, timeout=300)
+
+
+def bento_pids(settings, pipeline: str = "iris") -> dict[str, int]:
+    """The pids of the replicas that serve the pipeline (not an old colour a rollout is still stopping)."""
+    serving = {name.split(":")[-1] for name in deployments.current(settings, pipeline).programs}
+    return {p["name"]: p["pid"] for p in supervisor.rpc(settings).getAllProcessInfo() if p["name"] in serving}
+
+
+def test_api_keys_from_up_guard_predict_and_deploys_and_rotate_without_a_lost_request(stack_settings):
+    """Keys on from `flywheel up`: a request without one gets a JSON 401, an upload is still trained and
+    rolled out (the deploy step proves it through Nginx with a key), the CLI sends one, and rotating them
+    under load restarts no Bento and loses no request."""
+    key_a, key_b = "e2e-key-a-0123456789abcdef", "e2e-key-b-0123456789abcdef"
     url = f"{stack_settings.predict_url}/iris/predict"
     body = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
+    before = served(stack_settings)
     try:
-        write_private(conf, configs.api_keys_conf(keyed))
-        routes.reload_nginx(stack_settings)
-        time.sleep(1)
+        set_api_keys(key_a)
         denied = httpx.post(url, json=body)
-        assert denied.status_code == 401
-        assert "API key" in denied.json()["error"]
+        assert denied.status_code == 401 and "API key" in denied.json()["error"]
         assert httpx.post(url, json=body, headers={"Authorization": "Bearer nope-0123456789abcdef"}).status_code == 401
-        allowed = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
-        assert allowed.status_code in (200, 503), allowed.text  # 503 only while nothing serves iris
+        assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {key_a}"}).status_code == 200
+
+        upload = put(stack_settings, "iris/with-api-keys.csv", csv_bytes(TRAINING[11:] + TRAINING[:11]))
+        with Client(stack_settings, api_key=key_a) as client:
+            client.wait_for_version("iris", body["inputs"][0], before["model"]["version"], timeout=DEADLINE)
+            assert client.served("iris", body["inputs"][0])["dataset"]["version_id"] == upload["version_id"]
+        cli = subprocess.run(
+            [sys.executable, "-m", "flywheel.cli", "predict", json.dumps(body["inputs"]), "--pipeline", "iris"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode == 0 and '"predictions"' in cli.stdout, cli.stdout + cli.stderr
+
+        pids = bento_pids(stack_settings)
+        load = loadgen.start(url, body, connections=4, seconds=25, api_key=key_a)
+        time.sleep(3)
+        set_api_keys(f"{key_a},{key_b}")  # rotation: the new key joins while clients still send the old one
+        stats = loadgen.finish(load)
+        assert stats["requests"] > 500 and stats["failed"] == 0, stats
+        set_api_keys(key_b)  # the old one goes
+        assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {key_a}"}).status_code == 401
+        assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {key_b}"}).status_code == 200
+        assert bento_pids(stack_settings) == pids, "no Bento was restarted"
     finally:
-        write_private(conf, configs.api_keys_conf(stack_settings))
-        routes.reload_nginx(stack_settings)
-        time.sleep(1)
-    assert httpx.post(url, json=body).status_code != 401
+        set_api_keys("")
+    assert httpx.post(url, json=body).status_code == 200

@@ -61,6 +61,14 @@ def test_shipped_pipelines_load():
         (GOOD + "epochs: 3\n", "unknown field(s) epochs"),
         (IMAGE.replace("shape: [8, 8]", "shape: [8]"), "image.shape"),
         (IMAGE.replace("framework: tensorflow", "framework: xgboost"), "framework 'xgboost' trains table formats"),
+        (GOOD + "rollout: {strategy: blue}\n", "rollout.strategy"),
+        (GOOD + "rollout: {strategy: canary, steps: [50, 10, 100]}\n", "rollout.steps"),
+        (GOOD + "rollout: {steps: [10, 50]}\n", "rollout.steps"),
+        (GOOD + "rollout: {guardrails: {error_ratio: 2}}\n", "rollout.guardrails.error_ratio"),
+        (GOOD + "rollout: {guardrails: {p95_ms: 2}}\n", "rollout.guardrails.p95_ms"),
+        (GOOD + "rollout: {shadow: {then: ab}}\n", "rollout.shadow.then"),
+        (GOOD + "rollout: {ab: {key: 'X User'}}\n", "rollout.ab.key"),
+        (GOOD + "rollout: {ab: {split: 100}}\n", "rollout.ab.split"),
         ("name: [unclosed", "not valid YAML"),
         ("- a list", "expected a mapping"),
     ],
@@ -110,3 +118,22 @@ def test_serving_replicas_default_to_two_and_are_bounded(tmp_path):
             pipelines.load(write(tmp_path, "demo", GOOD + f"serving: {{replicas: {bad}}}\n"))
     with pytest.raises(pipelines.PipelineError, match=r"serving\.replica"):
         pipelines.load(write(tmp_path, "demo", GOOD + "serving: {replica: 2}\n"))
+
+
+def test_rollout_defaults_in_one_place_and_overrides(tmp_path):
+    plain = pipelines.load(write(tmp_path, "demo", GOOD))
+    assert plain.rollout == pipelines.Rollout() and not plain.rollout.live
+    text = GOOD + (
+        "rollout:\n  strategy: canary\n  steps: [25, 100]\n  bake_seconds: 5\n"
+        "  guardrails: {live_score_drop: 0.1, min_feedback: 10}\n  ab: {key: X-Team}\n"
+    )
+    r = pipelines.load(write(tmp_path, "demo", text)).rollout
+    assert (r.strategy, r.steps, r.bake_seconds, r.live_score_drop, r.min_feedback, r.ab_key) == (
+        "canary",
+        (25, 100),
+        5.0,
+        0.1,
+        10,
+        "X-Team",
+    )
+    assert r.live and r.error_ratio == pipelines.Rollout.error_ratio  # what is not said keeps its default

@@ -1,12 +1,14 @@
 """Routes: stable port blocks, Nginx routes and upstreams, scrape targets, rewritten live."""
 
 import json
+import subprocess
 
 import pytest
 
 from flywheel.core import pipelines
 from flywheel.core.settings import REPO_ROOT, Settings
-from flywheel.platform import routes
+from flywheel.platform import configs, deployments, routes, topology
+from flywheel.platform.deployments import Deployment, Traffic
 
 IRIS = (REPO_ROOT / "pipelines" / "iris.yaml").read_text()
 
@@ -104,7 +106,50 @@ def test_each_pipeline_has_its_own_body_limit_and_bounded_buffer(settings):
     limits = {
         block.split("/")[1]: int(block.split("client_max_body_size ")[1].split(";")[0])
         for block in conf.split("location = ")[1:]
+        if block.split(" ")[0].endswith("/predict")
     }
     assert limits["iris"] < 1 << 20 < limits["mnist"], limits  # a 4-feature route does not take megabytes
     buffers = [int(b.split(";")[0]) for b in conf.split("client_body_buffer_size ")[1:]]
     assert max(buffers) <= 256 << 10
+
+
+@pytest.mark.parametrize(
+    "traffic",
+    [
+        Traffic("split", 10),
+        Traffic("split", 100),
+        Traffic("sticky", 50, key="X-User-Id"),
+        Traffic("mirror", 0, sample=0.5),
+        Traffic("mirror", 0, sample=1.0),
+    ],
+    ids=["canary-10", "canary-100", "ab", "shadow-half", "shadow-all"],
+)
+def test_a_candidate_gets_its_share_and_nginx_takes_the_config(settings, traffic):
+    add(settings, "iris")
+    deploy_record(settings, "iris", [3100, 3101], version="7")
+    deployments.record_candidate(settings, "iris", Deployment("iris", "8", "b:v8", "green", (3108, 3109), 0), traffic)
+    configs.render(settings)
+    routes.sync(settings, reload=False)
+    nginx = settings.state / "nginx"
+    upstreams = (nginx / "upstreams" / "iris.conf").read_text()
+    assert "upstream flywheel_iris {" in upstreams and "upstream flywheel_iris__candidate {" in upstreams
+    assert "127.0.0.1:3108 " in upstreams.split("flywheel_iris__candidate")[1]
+    locations = (nginx / "locations.conf").read_text()
+    if traffic.mode == "mirror":
+        assert "mirror /.shadow/iris;" in locations and "X-Flywheel-Role shadow" in locations
+    else:
+        assert "proxy_pass http://$flywheel_upstream_iris/predict;" in locations
+        assert "X-Flywheel-Role $flywheel_arm_iris" in locations
+    targets = json.loads((settings.state / "prometheus" / "targets" / "iris.json").read_text())
+    assert {(t["labels"]["role"], t["labels"]["model_version"]) for t in targets} == {
+        ("production", "7"),
+        ("candidate", "8"),
+    }
+    checked = subprocess.run(
+        [topology.binary("nginx"), "-t", "-q", "-c", str(nginx / "nginx.conf")], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stderr
+    deployments.record_candidate(settings, "iris", None)
+    routes.sync(settings, reload=False)
+    assert "__candidate" not in (nginx / "upstreams" / "iris.conf").read_text()
+    assert "$flywheel_arm_iris" not in (nginx / "routes.conf").read_text()

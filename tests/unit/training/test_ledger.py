@@ -88,3 +88,14 @@ def test_same_upload_prefers_the_version_id():
         Upload.from_dict({**a.to_dict(), "version_id": "v2"})
     )
     assert Upload.from_dict({**a.to_dict(), "etag": '"e"'}).same_as(Upload.from_dict({**a.to_dict(), "etag": "e"}))
+
+
+def test_the_planned_upload_is_accounted_however_close_to_the_listing_it_landed():
+    """The plan listed it (it trained on it): the clock margin is for uploads it may have missed."""
+    events = [
+        event(1, "iris/a.csv", "va", "2026-11-23T12:00:01Z"),
+        event(2, "iris/c.csv", "vc", "2026-11-23T12:00:09.800Z"),  # 0.2 s before the listing
+    ]
+    entries, mark = ledger.account(events, TRAINED, PLANNED_AT, "failed", "run-1")
+    assert [(e.key, e.role) for e in entries] == [("iris/a.csv", "superseded"), ("iris/c.csv", "failed")]
+    assert mark.id == 2
