@@ -378,10 +378,21 @@ def orphans_in_serving(compose: Compose) -> list[dict]:
     return [p for p in procs if p["ppid"] == 1 and "supervisord" not in p["cmd"]]
 
 
-def test_kill_9_of_a_replica_under_load_in_serving_costs_no_request(compose, settings):
+def settled(airflow: AirflowAPI, timeout: float = 300) -> None:
+    """No train or deploy run of the pipeline queued or running: no blue/green switch is on its way."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dags = (f"train_{PIPELINE}", f"deploy_{PIPELINE}")
+        if not any(airflow.dag_runs(d, limit=5, states=("queued", "running")) for d in dags):
+            return
+        time.sleep(2)
+    raise AssertionError(f"runs of {PIPELINE} still going after {timeout}s")
+
+
+def test_kill_9_of_a_replica_under_load_in_serving_costs_no_request(compose, settings, airflow):
+    settled(airflow)  # the burst's last runs: a switch would rename the replicas under the test
     programs = bento_programs(compose)
     assert len(programs) >= 2 and set(programs.values()) == {"RUNNING"}, programs
-    names = sorted(programs)
     load = loadgen.start(
         f"{settings.predict_url}/{PIPELINE}/predict", {"inputs": [ROW]}, 8, 40, api_key=settings.client_api_key
     )
@@ -389,6 +400,7 @@ def test_kill_9_of_a_replica_under_load_in_serving_costs_no_request(compose, set
     try:
         for k in range(4):
             time.sleep(4)
+            names = sorted(n for n, state in bento_programs(compose).items() if state == "RUNNING")
             name = names[k % len(names)]
             pid = compose.exec("serving", "supervisorctl", "-c", SUPERVISORD_CONF, "pid", name).strip()
             killed = time.monotonic()

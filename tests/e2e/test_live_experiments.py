@@ -19,6 +19,8 @@ import pytest
 from flywheel.clients.api import Client
 from flywheel.clients.mlflow_rest import MlflowAPI
 from flywheel.core import schema
+from flywheel.platform import deployments, supervisor
+from flywheel.serving import live
 from tests.e2e.stack_ops import DEADLINE, HOLDOUT, TRAINING, airflow, csv_bytes, extra_pipeline, put, served, wait_until
 from tests.e2e.test_live_rollouts import SWAPPED, LiveTraffic, alias, version_tags
 
@@ -122,3 +124,36 @@ def test_a_shadow_candidate_is_compared_and_never_seen(stack_settings, ab):
     assert reason.startswith("aborted: it disagreed with production on"), reason
     assert alias(stack_settings, schema.PRODUCTION, PIPELINE) == production
     assert alias(stack_settings, schema.CANDIDATE, PIPELINE) is None
+
+
+def test_a_shadow_candidate_that_fails_every_request_is_aborted_without_one_client_error(stack_settings, ab):
+    """Its servers stop answering once it shadows: every mirrored copy fails, no client sees it."""
+    production = alias(stack_settings, schema.PRODUCTION, PIPELINE)
+    path = stack_settings.pipelines_dir / f"{PIPELINE}.yaml"
+    waits = SHADOW.replace("min_requests: 60", "min_requests: 1000000")  # it never gets to pass
+    path.write_text(path.read_text().replace(AB, waits).replace(SHADOW, waits))
+    with airflow(stack_settings) as api:
+        before = deploy_runs(api)
+        with LiveTraffic(stack_settings, PIPELINE) as traffic:
+            put(stack_settings, f"{PIPELINE}/honest.csv", csv_bytes(TRAINING[7:] + TRAINING[:7]))
+            state = wait_until(
+                lambda: (
+                    (s := live.load(stack_settings, PIPELINE))
+                    and s.status == live.RUNNING
+                    and s.version != production
+                    and s
+                ),
+                DEADLINE,
+                "the shadow rollout running",
+                interval=0.5,
+            )
+            candidate = deployments.candidate(stack_settings, PIPELINE).deployment
+            supervisor.rpc(stack_settings).stopProcessGroup(candidate.group)
+            run = wait_until(lambda: decided(api, before), DEADLINE, "the shadow rollout decided")
+            time.sleep(2)
+        assert run["state"] == "failed", run
+    assert traffic.failures == []
+    assert set(traffic.by()) == {(production, "production")}
+    reason = version_tags(stack_settings, state.version, PIPELINE)[schema.ROLLOUT]
+    assert reason.startswith("aborted: a candidate replica was not ready"), reason
+    assert alias(stack_settings, schema.PRODUCTION, PIPELINE) == production
