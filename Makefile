@@ -87,6 +87,8 @@ bench: install
 	$(PLATFORM)/bin/python bench/bento_tuning.py
 	$(PLATFORM)/bin/python bench/serving.py
 	$(PLATFORM)/bin/python bench/slow_clients.py
+	$(PLATFORM)/bin/python bench/live_overhead.py
+	$(PLATFORM)/bin/python bench/rollout_times.py
 	$(ML)/bin/python bench/training_overhead.py --runs 3
 
 clean: down
