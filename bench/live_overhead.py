@@ -4,7 +4,8 @@
    once a second for feedback to join): two replicas of the live iris bento on spare ports, one with
    FLYWHEEL_INFERENCE_SPOOL and one without, each pinned to CPU 0 in turn, wrk on CPU 1; c=32.
 2. Nginx mirroring (a shadow rollout): the stack's Nginx in front of the live replicas, plain, and with
-   every request mirrored to a third replica as a shadow candidate would be; c=32.
+   every request mirrored to a third replica as a shadow candidate would be; c=32, measured with
+   bench/client.py (see run_client for why not wrk).
 
 Rounds are interleaved (off, on, off, on, ...) and each figure is the median of the rounds, with its
 range. Needs the stack up with iris deployed and no rollout running.
@@ -20,6 +21,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +65,29 @@ def stop(server: subprocess.Popen) -> None:
 def run(url: str, seconds: float, cpu: int | None = LOAD_CPU) -> dict:
     wrk = loadgen.run(url, BODY, CONNECTIONS, seconds, cpu=cpu)
     return {"rps": wrk["rps"], "p99_ms": wrk["p99_us"] / 1000, "failed": wrk["failed"]}
+
+
+def run_client(url: str, seconds: float) -> dict:
+    """bench/client.py: it honours `Connection: close` as HTTP clients do. wrk does not wait for the
+    close, and a mirrored request's connection closes only once its shadow copy is answered: wrk
+    counts the reset of its next request on that connection as a read error."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "client.py"),
+            url,
+            json.dumps(BODY),
+            "--connections",
+            str(CONNECTIONS),
+            "--seconds",
+            str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout)
+    return {"rps": result["rps"], "p99_ms": result["p99_ms"], "failed": result["failed"]}
 
 
 def summary(name: str, runs: list[dict]) -> dict:
@@ -113,8 +138,8 @@ def mirroring(settings: Settings, live: Deployment, seconds: float, rounds: int)
                 )
                 routes.sync(settings)
                 time.sleep(1.5)  # Nginx's graceful reload
-                loadgen.run(url, BODY, 1, 2, cpu=None)
-                results[name].append(run(url, seconds, cpu=None))
+                run_client(url, 2)  # warm
+                results[name].append(run_client(url, seconds))
     finally:
         deployments.record_candidate(settings, live.pipeline, None)
         routes.sync(settings)
