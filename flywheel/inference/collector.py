@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -39,11 +40,24 @@ class Counters:
     ship_errors: int = 0
 
 
+# The service ingests from its loop and on demand (the live figures): one at a time, or two would
+# claim the same file and one would find it deleted under it.
+_INGESTING = threading.Lock()
+
+
 def ingest(settings: Settings, store: Store, counters: Counters) -> int:
     """Claimed spool files into the index; each file deleted once its records are committed."""
+    with _INGESTING:
+        return _ingest(settings, store, counters)
+
+
+def _ingest(settings: Settings, store: Store, counters: Counters) -> int:
     added = 0
     for path in records.claim(records.spool_dir(settings)):
-        found, bad = records.read(path)
+        try:
+            found, bad = records.read(path)
+        except FileNotFoundError:  # taken by another process's ingest: its rows are in
+            continue
         added += store.add_answers(found)
         for r in found:
             counters.spooled[r.pipeline] += 1

@@ -143,3 +143,41 @@ def test_only_shipped_rows_are_pruned(tmp_path, store):
 def test_row_loss():
     assert row_loss("accuracy", "a", "b") == 1.0 and row_loss("accuracy", 3, "3") == 0.0
     assert row_loss("rmse", 3.0, 1.0) == 4.0 and row_loss("mae", 3.0, 1.0) == 2.0
+
+
+def test_concurrent_ingests_take_each_spool_file_once(tmp_path):
+    """The service's loop and its live endpoint ingest at once: every record indexed once, no error."""
+    import threading
+
+    from flywheel.core.settings import Settings
+    from flywheel.inference import collector
+
+    settings = Settings.load({"FLYWHEEL_STATE_DIR": str(tmp_path / "state")})
+    folder = settings.inference_spool / "iris"
+    folder.mkdir(parents=True)
+    for replica in range(4):
+        lines = [
+            json.dumps({"t": 1.0, "id": f"r{replica}-{i}", "pipeline": "iris", "version": "1", "predictions": ["a"]})
+            for i in range(50)
+        ]
+        (folder / f"bento-{replica}.jsonl").write_text("\n".join(lines) + "\n")
+    store = Store(tmp_path / "index.sqlite")
+    counters = collector.Counters()
+    errors = []
+
+    def run():
+        try:
+            for _ in range(3):
+                collector.ingest(settings, store, counters)
+        except Exception as exc:  # the bug this guards against: FileNotFoundError mid-read
+            errors.append(exc)
+
+    collector.ingest(settings, store, counters)  # claims (renames) them; they are read once settled
+    time.sleep(1.1)
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.counts()["iris"]["answers"] == 200
