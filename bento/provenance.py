@@ -47,16 +47,11 @@ META = {
 MAX_INPUTS = int(MODEL.get("max_inputs") or (256 if MODEL.get("framework") == "tensorflow" else 1000))
 
 
-class RequestLog:
-    """One line per request in the file FLYWHEEL_REQUEST_LOG names, written once a second.
-
-    Not through logging: a line formatted and relayed through supervisord's pipe per request cost
-    about a quarter of a millisecond. Here a request costs a list append; the flush formats the
-    lines, off the request's path. Without FLYWHEEL_REQUEST_LOG nothing is kept.
-    """
+class _Batched:
+    """Lines for one file, kept in memory and handed to `write` every FLUSH_SECONDS on the event loop:
+    a request costs a list append (the time, then what `add` was given). No path: nothing is kept."""
 
     FLUSH_SECONDS = 1.0
-    MAX_BYTES = 50 * 1024 * 1024
 
     def __init__(self, path: str | None) -> None:
         self.path = Path(path) if path else None
@@ -74,8 +69,24 @@ class RequestLog:
     def flush(self) -> None:
         self.scheduled = False
         lines, self.pending = self.pending, []
-        if not lines or self.path is None:
-            return
+        if lines and self.path is not None:
+            self.write(lines)
+
+    def write(self, lines: list[tuple]) -> None:
+        raise NotImplementedError
+
+
+class RequestLog(_Batched):
+    """One line per request in the file FLYWHEEL_REQUEST_LOG names, written once a second.
+
+    Not through logging: a line formatted and relayed through supervisord's pipe per request cost
+    about a quarter of a millisecond. Here a request costs a list append; the flush formats the
+    lines, off the request's path. Without FLYWHEEL_REQUEST_LOG nothing is kept.
+    """
+
+    MAX_BYTES = 50 * 1024 * 1024
+
+    def write(self, lines: list[tuple]) -> None:
         if self.path.exists() and self.path.stat().st_size > self.MAX_BYTES:
             self.path.replace(self.path.with_name(self.path.name + ".1"))
         with self.path.open("a") as f:
@@ -89,12 +100,11 @@ class RequestLog:
 REQUEST_LOG = RequestLog(os.environ.get("FLYWHEEL_REQUEST_LOG"))
 
 
-class InferenceSpool:
+class InferenceSpool(_Batched):
     """One JSON line per answer (request id, version, role, inputs, predictions, latency) appended to
-    the file FLYWHEEL_INFERENCE_SPOOL names, once a second; the inference service ships it
-    (flywheel/inference/records.py has the format). As with the request log, a request costs a list
-    append and the flush does the rest. Bounded: past MAX_BYTES unshipped (the inference service
-    away), answers are counted in `dropped`, not spooled."""
+    the file FLYWHEEL_INFERENCE_SPOOL names; the inference service ships it
+    (flywheel/inference/records.py has the format). Bounded: past MAX_BYTES unshipped (the inference
+    service away), answers are counted in `dropped`, not spooled."""
 
     # A flush formats every answer since the last one on the event loop: at 2,300 answers/s a
     # one-second batch stalled it for ~10 ms (p99 15.7 -> 27.1 ms, bench/live_overhead.py).
@@ -102,24 +112,10 @@ class InferenceSpool:
     MAX_BYTES = 200 * 1024 * 1024
 
     def __init__(self, path: str | None) -> None:
-        self.path = Path(path) if path else None
-        self.pending: list[tuple] = []
-        self.scheduled = False
+        super().__init__(path)
         self.dropped = 0
 
-    def add(self, request_id: str, role: str, inputs, predictions: list, ms: float) -> None:
-        if self.path is None:
-            return
-        self.pending.append((time.time(), request_id, role, inputs, predictions, ms))
-        if not self.scheduled:
-            self.scheduled = True
-            asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
-
-    def flush(self) -> None:
-        self.scheduled = False
-        lines, self.pending = self.pending, []
-        if not lines or self.path is None:
-            return
+    def write(self, lines: list[tuple]) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists() and self.path.stat().st_size > self.MAX_BYTES:

@@ -81,6 +81,14 @@ def _read(path: Path) -> Deployment:
     return Deployment(**record)
 
 
+def _write(path: Path, record: dict) -> None:
+    """Whole or not at all: routes.sync may read it at any moment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
 def current(settings: Settings, pipeline: str) -> Deployment | None:
     path = _folder(settings) / f"{pipeline}.json"
     return _read(path) if path.exists() else None
@@ -97,10 +105,7 @@ def record(settings: Settings, pipeline: str, deployment: Deployment | None) -> 
     if deployment is None:
         path.unlink(missing_ok=True)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(deployment)))
-    os.replace(tmp, path)
+    _write(path, asdict(deployment))
 
 
 def _candidates(settings: Settings) -> Path:
@@ -130,10 +135,7 @@ def record_candidate(
     if deployment is None:
         path.unlink(missing_ok=True)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"deployment": asdict(deployment), "traffic": asdict(traffic or Traffic())}))
-    os.replace(tmp, path)
+    _write(path, {"deployment": asdict(deployment), "traffic": asdict(traffic or Traffic())})
 
 
 def listen_address(host: str) -> str:

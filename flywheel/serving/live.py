@@ -41,7 +41,7 @@ from flywheel.core.pipelines import Pipeline, Rollout
 from flywheel.core.settings import Settings, write_private
 from flywheel.platform import deployments, routes
 from flywheel.platform.deployments import Deployment, Traffic
-from flywheel.serving.rollout import DRAIN_SECONDS, mark
+from flywheel.serving.rollout import DRAIN_SECONDS, aliases_name_what_serves, mark
 
 RUNNING, PROMOTED, ABORTED = "running", "promoted", "aborted"
 POLL_SECONDS = (2.0, 10.0)  # the judge looks again within this range of seconds
@@ -409,11 +409,7 @@ def promote(settings: Settings, pipeline: Pipeline, state: State, why: str, log=
     routes.sync(settings)
     state.status, state.reason, state.requested = PROMOTED, why, ""
     save(settings, state)
-    with MlflowAPI.connect(settings) as mlflow:
-        if old is not None:
-            mlflow.set_alias(pipeline.model_name, schema.PREVIOUS, old.version)
-        mlflow.set_alias(pipeline.model_name, schema.PRODUCTION, state.version)
-        mlflow.delete_alias(pipeline.model_name, schema.CANDIDATE)
+    aliases_name_what_serves(settings, pipeline, state.version)
     mark(settings, pipeline.name, state.version, schema.SERVING, f"{candidate.group}: {why}")
     _tag(settings, pipeline.name, state.version, f"{PROMOTED}: {why}")
     if old is not None and old.colour != candidate.colour:

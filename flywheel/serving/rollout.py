@@ -100,8 +100,10 @@ def aliases_follow_what_serves(settings: Settings, pipeline: Pipeline, failed: s
 
 
 def aliases_name_what_serves(settings: Settings, pipeline: Pipeline, version: str) -> None:
-    """A version that went live without a live rollout (the first one, a rollback, blue/green) is
-    `production`, even if training named it `candidate` (a live strategy with nothing to compare to)."""
+    """The version that now takes all traffic is `production` (the one it replaces `previous`), and no
+    longer `candidate`: a live rollout's winner, or one that went live without a live rollout (the
+    first one, a rollback, blue/green; training named it `candidate` with nothing to compare to).
+    A newer `candidate` (trained meanwhile) keeps its alias."""
     name = pipeline.model_name
     with MlflowAPI.connect(settings) as mlflow:
         if mlflow.version_by_alias(name, schema.CANDIDATE) == version:

@@ -22,7 +22,7 @@ from flywheel.core import schema
 from flywheel.platform import deployments, supervisor
 from flywheel.serving import live
 from tests.e2e.stack_ops import DEADLINE, HOLDOUT, TRAINING, airflow, csv_bytes, extra_pipeline, put, served, wait_until
-from tests.e2e.test_live_rollouts import SWAPPED, LiveTraffic, alias, version_tags
+from tests.e2e.test_live_rollouts import SWAPPED, LiveTraffic, alias, deploy_runs, finished, version_tags
 
 pytestmark = pytest.mark.e2e
 
@@ -39,15 +39,6 @@ rollout:
   bake_seconds: 2
   shadow: {min_requests: 60, max_disagreement: 0.2, then: bluegreen}
 """
-
-
-def deploy_runs(api) -> set[str]:
-    return {r["dag_run_id"] for r in api.dag_runs(f"deploy_{PIPELINE}")}
-
-
-def decided(api, before: set[str]) -> dict | None:
-    runs = [r for r in api.dag_runs(f"deploy_{PIPELINE}") if r["dag_run_id"] not in before]
-    return next((r for r in runs if r["state"] in ("success", "failed")), None)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +66,7 @@ def test_an_ab_test_is_sticky_and_decided_by_a_stated_test(stack_settings, ab):
     production = ab
     users = [f"user-{i}" for i in range(1000)]
     with airflow(stack_settings) as api:
-        before = deploy_runs(api)
+        before = deploy_runs(api, PIPELINE)
         put(stack_settings, f"{PIPELINE}/swapped.csv", csv_bytes([[*r[:4], SWAPPED.get(r[4], r[4])] for r in TRAINING]))
         wait_until(lambda: alias(stack_settings, schema.CANDIDATE, PIPELINE), DEADLINE, "a candidate")
         wait_until(
@@ -89,7 +80,7 @@ def test_an_ab_test_is_sticky_and_decided_by_a_stated_test(stack_settings, ab):
             roles = {client.predict([HOLDOUT[0][:4]], PIPELINE).headers["x-model-role"] for _ in range(30)}
         assert roles == {"production"}
         with LiveTraffic(stack_settings, PIPELINE, user_ids=True) as traffic:
-            run = wait_until(lambda: decided(api, before), DEADLINE, "the A/B test decided")
+            run = wait_until(lambda: finished(api, before, PIPELINE), DEADLINE, "the A/B test decided")
         assert run["state"] == "failed", run
     candidate = str(int(production) + 1)
     assert traffic.failures == []
@@ -107,11 +98,11 @@ def test_a_shadow_candidate_is_compared_and_never_seen(stack_settings, ab):
     path = stack_settings.pipelines_dir / f"{PIPELINE}.yaml"
     path.write_text(path.read_text().replace(AB, SHADOW))
     with airflow(stack_settings) as api:
-        before = deploy_runs(api)
+        before = deploy_runs(api, PIPELINE)
         with LiveTraffic(stack_settings, PIPELINE) as traffic:
             swapped = [[*r[:4], SWAPPED.get(r[4], r[4])] for r in TRAINING[5:] + TRAINING[:5]]
             put(stack_settings, f"{PIPELINE}/swapped-again.csv", csv_bytes(swapped))
-            run = wait_until(lambda: decided(api, before), DEADLINE, "the shadow rollout decided")
+            run = wait_until(lambda: finished(api, before, PIPELINE), DEADLINE, "the shadow rollout decided")
             time.sleep(2)
         assert run["state"] == "failed", run
     answered = traffic.by()
@@ -133,7 +124,7 @@ def test_a_shadow_candidate_that_fails_every_request_is_aborted_without_one_clie
     waits = SHADOW.replace("min_requests: 60", "min_requests: 1000000")  # it never gets to pass
     path.write_text(path.read_text().replace(AB, waits).replace(SHADOW, waits))
     with airflow(stack_settings) as api:
-        before = deploy_runs(api)
+        before = deploy_runs(api, PIPELINE)
         with LiveTraffic(stack_settings, PIPELINE) as traffic:
             put(stack_settings, f"{PIPELINE}/honest.csv", csv_bytes(TRAINING[7:] + TRAINING[:7]))
             state = wait_until(
@@ -149,7 +140,7 @@ def test_a_shadow_candidate_that_fails_every_request_is_aborted_without_one_clie
             )
             candidate = deployments.candidate(stack_settings, PIPELINE).deployment
             supervisor.rpc(stack_settings).stopProcessGroup(candidate.group)
-            run = wait_until(lambda: decided(api, before), DEADLINE, "the shadow rollout decided")
+            run = wait_until(lambda: finished(api, before, PIPELINE), DEADLINE, "the shadow rollout decided")
             time.sleep(2)
         assert run["state"] == "failed", run
     assert traffic.failures == []

@@ -135,13 +135,15 @@ class LiveTraffic:
             return Counter((a["version"], a["role"]) for a in self.answers.values() if a["at"] >= since)
 
 
-def deploy_runs(api, after: set[str] | None = None) -> list[dict]:
-    return [r for r in api.dag_runs(f"deploy_{PIPELINE}") if after is None or r["dag_run_id"] not in after]
+def deploy_runs(api, pipeline: str = PIPELINE) -> set[str]:
+    """The ids of the pipeline's deploy runs so far."""
+    return {r["dag_run_id"] for r in api.dag_runs(f"deploy_{pipeline}")}
 
 
-def finished(api, after: set[str]) -> dict | None:
-    runs = [r for r in deploy_runs(api, after) if r["state"] in ("success", "failed")]
-    return runs[0] if runs else None
+def finished(api, before: set[str], pipeline: str = PIPELINE) -> dict | None:
+    """The newest deploy run not in `before` once it has ended, else None."""
+    runs = [r for r in api.dag_runs(f"deploy_{pipeline}") if r["dag_run_id"] not in before]
+    return next((r for r in runs if r["state"] in ("success", "failed")), None)
 
 
 def version_tags(settings: Settings, version: str, pipeline: str = PIPELINE) -> dict:
@@ -165,7 +167,7 @@ def canary(stack_settings):
 def test_a_challenger_that_wins_offline_and_loses_live_is_rolled_back(stack_settings, canary, alert_inbox):
     production = canary
     with airflow(stack_settings) as api:
-        before = {r["dag_run_id"] for r in deploy_runs(api)}
+        before = deploy_runs(api)
         with LiveTraffic(stack_settings, PIPELINE) as traffic:
             wait_until(lambda: len(traffic.labelled) >= 50, 120, "feedback matched to answers")
             swapped = [[*row[:4], SWAPPED.get(row[4], row[4])] for row in TRAINING]
@@ -217,7 +219,7 @@ def test_a_challenger_that_wins_offline_and_loses_live_is_rolled_back(stack_sett
 def test_a_good_challenger_goes_through_every_step_with_no_failed_request(stack_settings, canary):
     production = alias(stack_settings, schema.PRODUCTION)
     with airflow(stack_settings) as api:
-        before = {r["dag_run_id"] for r in deploy_runs(api)}
+        before = deploy_runs(api)
         with LiveTraffic(stack_settings, PIPELINE) as traffic:
             put(stack_settings, f"{PIPELINE}/honest.csv", csv_bytes(TRAINING[9:] + TRAINING[:9]))
             state = wait_until(
