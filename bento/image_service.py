@@ -18,6 +18,7 @@ from provenance import MAX_INPUTS, MODEL, JSONAnswer, answer  # beside this file
 from pydantic import AllowInfNan, Discriminator, Field, RootModel, Strict, Tag
 
 from flywheel import frameworks
+from flywheel.core.profiles import image_summary
 
 HEIGHT, WIDTH = (int(s) for s in MODEL["image_shape"])
 MAX_VALUE = float(MODEL["max_value"])
@@ -156,4 +157,9 @@ class ImagePredictor:
             indices, in_pass = await anyio.to_thread.run_sync(self.model.predict, batch), len(batch)
         predictions = [CLASSES[int(i)] for i in np.asarray(indices).reshape(-1)]
         # The request log says how many images shared this request's forward pass.
-        return answer(ctx, predictions, started, time.perf_counter(), images=len(inputs), forward_pass=in_pass)
+        # The inference log keeps three numbers per image (core/profiles.py), not its pixels: what the
+        # drift monitor compares with the training images' profile.
+        summary = image_summary(batch, MAX_VALUE).round(4).tolist()
+        return answer(
+            ctx, predictions, started, time.perf_counter(), inputs=summary, images=len(inputs), forward_pass=in_pass
+        )

@@ -13,6 +13,7 @@ import os
 import re
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Annotated
 
@@ -111,9 +112,17 @@ class InferenceSpool(_Batched):
     FLUSH_SECONDS = 0.2
     MAX_BYTES = 200 * 1024 * 1024
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, sample: float = 1.0) -> None:
         super().__init__(path)
         self.dropped = 0
+        # `inference_log.sample`: a request id's CRC decides, so every copy of a request (a shadow's
+        # mirror, a retry) is logged or not alike.
+        self.threshold = int(min(max(sample, 0.0), 1.0) * 0xFFFFFFFF)
+
+    def add(self, request_id: str, *fields) -> None:
+        if self.threshold < 0xFFFFFFFF and zlib.crc32(request_id.encode()) > self.threshold:
+            return
+        super().add(request_id, *fields)
 
     def write(self, lines: list[tuple]) -> None:
         try:
@@ -152,7 +161,9 @@ def _plain(inputs) -> list:
     return [getattr(row, "root", row) for row in inputs]
 
 
-SPOOL = InferenceSpool(os.environ.get("FLYWHEEL_INFERENCE_SPOOL"))
+SPOOL = InferenceSpool(
+    os.environ.get("FLYWHEEL_INFERENCE_SPOOL"), float(os.environ.get("FLYWHEEL_INFERENCE_SAMPLE") or 1.0)
+)
 # Which arm of a rollout a request went to, as Nginx says (flywheel/platform/routes.py); production
 # when nothing says otherwise.
 ROLES = frozenset({"production", "candidate", "shadow"})

@@ -1,4 +1,4 @@
-"""Flywheel's DAGs: two per pipeline declared in `pipelines/*.yaml`.
+"""Flywheel's DAGs: three per pipeline declared in `pipelines/*.yaml`.
 
 train_<pipeline> runs whenever MinIO reports a new object under `datasets/<pipeline>/` (the events
 bridge turns the bucket notification into an event on the dataset asset), or by hand. It plans what
@@ -9,7 +9,14 @@ registered version and rolls it out behind Nginx, blue/green or live (the pipeli
 `judge` then decides step by step on live traffic, deferred on the triggerer between looks, and
 the deployment asset is emitted once the new version takes all traffic.
 
+monitor_<p> runs every `monitor.every_minutes`: it compares the last window of what production
+answered (the inference log, `s3://inference/<p>`) with the serving version's training profile, records
+and alerts on drift, and with `retrain.on_drift` starts a retraining through the dataset asset (on a
+dataset derived from feedback, with `retrain.with_feedback`). `retrain.schedule` adds a time schedule
+to train_<p>'s asset schedule.
+
 Asset view:  s3://datasets/<p>  ->  train_<p>  ->  model://<p>/production  ->  deploy_<p>  ->  deployment://<p>/production
+             s3://inference/<p>  ->  monitor_<p>  ->  s3://datasets/<p>   (the loop, with retrain.on_drift)
 
 The ML steps (validate, train, build) run where FLYWHEEL_RUNNER says (flywheel/orchestration/runner.py):
 the same tasks, states and callbacks with any backend. Parsing stays cheap: only YAML is read here;
@@ -21,7 +28,7 @@ from __future__ import annotations
 import datetime
 import logging
 
-from airflow.sdk import DAG, Asset, Param, task
+from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, task
 
 from flywheel.core import pipelines
 from flywheel.core.settings import Settings
@@ -53,11 +60,29 @@ def assets(p: pipelines.Pipeline) -> tuple[Asset, Asset, Asset]:
     )
 
 
+# Airflow's presets, as cron: CronTriggerTimetable takes expressions only.
+PRESETS = {
+    "@hourly": "0 * * * *",
+    "@daily": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@yearly": "0 0 1 1 *",
+}
+
+
+def train_schedule(p: pipelines.Pipeline, dataset: Asset):
+    """Every upload, and, with `retrain.schedule`, the clock too (a scheduled run retrains the newest upload)."""
+    if not p.retrain.schedule:
+        return [dataset]
+    cron = PRESETS.get(p.retrain.schedule, p.retrain.schedule)
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[dataset])
+
+
 def train_dag(p: pipelines.Pipeline) -> DAG:
     dataset, production_model, _ = assets(p)
     with DAG(
         dag_id=f"train_{p.name}",
-        schedule=[dataset],
+        schedule=train_schedule(p, dataset),
         start_date=START,
         catchup=False,
         default_args=DEFAULT_ARGS,
@@ -153,9 +178,46 @@ def deploy_dag(p: pipelines.Pipeline) -> DAG:
     return dag
 
 
+def monitor_dag(p: pipelines.Pipeline) -> DAG:
+    dataset, _, _ = assets(p)
+    inference_log = Asset(uri=p.inference_uri, name=f"{p.name}_inference_log")
+    with DAG(
+        dag_id=f"monitor_{p.name}",
+        schedule=datetime.timedelta(minutes=p.monitor.every_minutes),
+        start_date=START,
+        catchup=False,
+        default_args={**DEFAULT_ARGS, "retries": 1},
+        max_active_runs=1,
+        tags=["flywheel", "monitor", p.name],
+        doc_md=f"Drift of what **{p.name}** answers against its serving version's training data, every "
+        f"{p.monitor.every_minutes:g} min over the last {p.monitor.window_minutes:g} min"
+        + ("; retrains on drift" + (" with feedback" if p.retrain.with_feedback else "") if p.retrain.on_drift else ""),
+    ) as dag:
+
+        @task(inlets=[inference_log])
+        def check(*, run_id=None) -> dict:
+            from flywheel.orchestration import tasks
+
+            return tasks.monitor(p.name, run_id)
+
+        checked = check()
+        if p.retrain.on_drift:
+
+            @task(outlets=[dataset], retries=0)
+            def retrain(result: dict, *, outlet_events=None) -> dict:
+                from flywheel.orchestration import tasks
+
+                return tasks.retrain(p.name, result, outlet_events, dataset)
+
+            retrain(checked)
+    return dag
+
+
 _pipelines, _errors = pipelines.load_all(Settings.load().pipelines_dir)
 for _error in _errors.values():  # a broken pipeline file is reported and skipped; the others still load
     logging.getLogger(__name__).error("skipping pipeline: %s", _error)
 for _p in _pipelines:
     globals()[f"train_{_p.name}"] = train_dag(_p)
     globals()[f"deploy_{_p.name}"] = deploy_dag(_p)
+    if _p.monitor.enabled:
+        globals()[f"monitor_{_p.name}"] = monitor_dag(_p)

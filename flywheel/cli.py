@@ -8,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
+from flywheel.clients import inference
 from flywheel.clients.airflow_rest import AirflowAPI, AirflowRejected
 from flywheel.clients.api import Client
 from flywheel.clients.mlflow_rest import MlflowAPI
@@ -15,7 +18,7 @@ from flywheel.core import pipelines, schema
 from flywheel.core.settings import AIRFLOW_CLI, Settings
 from flywheel.core.upload import Upload
 from flywheel.core.waiting import WaitTimeout, wait_until
-from flywheel.operations import alerts, lineage, metrics, retention, status
+from flywheel.operations import alerts, lineage, metrics, monitoring, retention, status
 from flywheel.operations.parked import DEAD_LETTERS, HELD
 from flywheel.operations.rollback import RollbackImpossible, rollback
 from flywheel.orchestration import bridge
@@ -42,6 +45,33 @@ def cmd_down(settings: Settings, args) -> int:
     return 0
 
 
+def monitoring_lines(settings: Settings, p: pipelines.Pipeline, verdict: dict | None) -> list[str]:
+    """The drift monitor's last window, the retraining it started, and the feedback of the last ten minutes."""
+    if not p.monitor.enabled:
+        return ["  drift         not watched (monitor: false)"]
+    lines = []
+    if verdict:
+        checked = time.strftime("%H:%M:%S", time.gmtime(verdict.get("recorded", 0)))
+        state = "DRIFT" if verdict.get("detected") else ("ok" if verdict.get("decided") else "undecided")
+        lines.append(
+            f"  drift         {state} on v{verdict.get('version') or '-'} at {checked}: {verdict.get('reason', '')}"
+        )
+    else:
+        lines.append(f"  drift         not checked yet (every {p.monitor.every_minutes:g} min)")
+    if retraining := monitoring.load(settings, p.name):
+        lines.append(f"  retrained     on drift, {retraining.dataset}: {retraining.outcome or 'training'}")
+    try:
+        live_figures = inference.live(settings, p.name, time.time() - 600)
+    except httpx.HTTPError:
+        return lines
+    for version, roles in sorted(live_figures["versions"].items()):
+        for role, f in roles.items():
+            score = f"{p.metric} {f['score']:.3f}" if f.get("score") is not None else "no score yet"
+            counts = f"{f['labelled']} of {f['answers']} answers labelled"
+            lines.append(f"  feedback      v{version} {role}: {counts}, {score} (last 10 min)")
+    return lines
+
+
 def cmd_status(settings: Settings, args) -> int:
     rows = stack.status(settings)
     if not rows:
@@ -52,6 +82,10 @@ def cmd_status(settings: Settings, args) -> int:
         healthy = {True: "yes", False: "NO", None: "-"}[r["healthy"]]
         print(f"{r['name']:<24} {r['state']:<9} {r['pid']:>7}  {healthy:<8} {r['endpoint'] or ''}")
     stats = metrics.by_pipeline(settings)
+    try:
+        verdicts = inference.drift(settings)
+    except httpx.HTTPError:
+        verdicts = {}
     with MlflowAPI.connect(settings) as mlflow, AirflowAPI.connect(settings, AIRFLOW_CLI) as airflow:
         for p in pipelines.load_all(settings.pipelines_dir)[0]:
             print()
@@ -67,6 +101,8 @@ def cmd_status(settings: Settings, args) -> int:
                 f"  traffic       {_fmt(m.get('rps'), '.1f')} req/s, errors {_fmt(m.get('error_rate'), '.1%')}, "
                 f"p99 {_fmt(m.get('p99_ms'), '.1f')} ms"
             )
+            for line in monitoring_lines(settings, p, verdicts.get(p.name)):
+                print(line)
     loaded, broken = pipelines.load_all(settings.pipelines_dir)
     known = {p.name for p in loaded}
     held = HELD.read_all(settings)

@@ -66,6 +66,48 @@ class Rollout:
 
 
 @dataclass(frozen=True)
+class Monitor:
+    """Drift watch on what production answers (`monitor:` in the pipeline file; inference/drift.py).
+
+    Every `every_minutes`, the last `window_minutes` of answers are compared with the serving
+    version's training profile, feature by feature: a feature drifts when its test rejects "same
+    distribution" at `alpha` (Bonferroni-corrected over the features) AND its distance is at least
+    `min_distance` (Kolmogorov-Smirnov D for numbers, total variation for classes): with thousands
+    of rows a test alone flags differences too small to matter. Fewer than `min_rows` answers in a
+    window: no decision, and the window says so.
+    """
+
+    enabled: bool = True
+    every_minutes: float = 5.0
+    window_minutes: float = 5.0
+    min_rows: int = 100
+    alpha: float = 0.01
+    min_distance: float = 0.2
+
+
+@dataclass(frozen=True)
+class Retrain:
+    """When a pipeline retrains besides uploads (`retrain:` in the pipeline file)."""
+
+    schedule: str = ""  # a cron expression or preset (@daily): Airflow's asset-or-time schedule
+    on_drift: bool = False  # drift detected -> retrain
+    with_feedback: bool = False  # ...on the serving version's upload plus the labelled answers since it
+
+
+@dataclass(frozen=True)
+class InferenceLog:
+    """What of the pipeline's answers the inference log keeps (`inference_log:` in the pipeline file)."""
+
+    # Share of answers logged, decided by a hash of the request id: the same for every copy of a request
+    # (a shadow's pairs stay whole). Feedback matches logged answers only.
+    sample: float = 1.0
+    keep_days: int | None = None  # the Parquet log's life in MinIO; None: FLYWHEEL_RETENTION_INFERENCE_DAYS
+
+
+CRON_PRESETS = ("@hourly", "@daily", "@weekly", "@monthly", "@yearly")
+
+
+@dataclass(frozen=True)
 class Pipeline:
     name: str
     dataset_prefix: str
@@ -88,6 +130,9 @@ class Pipeline:
     batching: bool = False  # BentoML adaptive batching for the served model (serving.batching)
     replicas: int = 2  # Bento servers per colour behind Nginx, spread over the cores (serving.replicas)
     rollout: Rollout = Rollout()
+    monitor: Monitor = Monitor()
+    retrain: Retrain = Retrain()
+    inference_log: InferenceLog = InferenceLog()
     source: str = ""
 
     # Asset URIs: the names the Airflow Asset view shows.
@@ -102,6 +147,11 @@ class Pipeline:
     @property
     def deployment_uri(self) -> str:
         return f"deployment://{self.name}/production"
+
+    @property
+    def inference_uri(self) -> str:
+        """What production answered, and the feedback on it (Parquet, inference/collector.py)."""
+        return f"s3://inference/{self.name}"
 
     @property
     def model_name(self) -> str:
@@ -217,6 +267,9 @@ def parse(data: Any, source: str) -> Pipeline:
         "validation",
         "serving",
         "rollout",
+        "monitor",
+        "retrain",
+        "inference_log",
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -273,7 +326,30 @@ def parse(data: Any, source: str) -> Pipeline:
     replicas = _number(serving, "replicas", source, 2, 1, MAX_REPLICAS, "serving.")
     if not isinstance(replicas, int):
         raise PipelineError(f"{source}: field 'serving.replicas' must be a whole number, got {replicas!r}")
+    monitor = parse_monitor(data.get("monitor", {}), source)
+    retrain = parse_retrain(_section(data, "retrain", source), source)
+    if retrain.on_drift and not monitor.enabled:
+        raise PipelineError(f"{source}: field 'retrain.on_drift' needs the monitor (monitor: false turns it off)")
+    if retrain.with_feedback and not retrain.on_drift:
+        raise PipelineError(f"{source}: field 'retrain.with_feedback' is for drift retraining: set retrain.on_drift")
+    if retrain.with_feedback and plugin.inputs != frameworks.TABLE:
+        raise PipelineError(
+            f"{source}: field 'retrain.with_feedback' is for tables: the inference log keeps a summary of "
+            "each image, not its pixels"
+        )
+    log_rules = _section(data, "inference_log", source)
+    if unknown_log := sorted(set(log_rules) - {"sample", "keep_days"}):
+        raise PipelineError(f"{source}: unknown field(s) inference_log.{', inference_log.'.join(unknown_log)}")
+    keep_days = _number(log_rules, "keep_days", source, None, 1, 3650, "inference_log.")
+    if keep_days is not None and keep_days != int(keep_days):
+        raise PipelineError(f"{source}: field 'inference_log.keep_days' must be a whole number, got {keep_days!r}")
     return Pipeline(
+        inference_log=InferenceLog(
+            sample=float(_number(log_rules, "sample", source, 1.0, 0.001, 1, "inference_log.")),
+            keep_days=int(keep_days) if keep_days is not None else None,
+        ),
+        monitor=monitor,
+        retrain=retrain,
         rollout=parse_rollout(_section(data, "rollout", source), source),
         batching=batching,
         replicas=replicas,
@@ -366,6 +442,44 @@ def parse_rollout(data: dict, source: str) -> Rollout:
         ab_max_samples=int(_number(ab, "max_samples", source, d.ab_max_samples, 2, 10**7, where + "ab.")),
         ab_alpha=float(_number(ab, "alpha", source, d.ab_alpha, 0.0001, 0.5, where + "ab.")),
     )
+
+
+def parse_monitor(data: Any, source: str) -> Monitor:
+    """The `monitor:` block, or `monitor: false` to watch nothing."""
+    if data is False:
+        return Monitor(enabled=False)
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise PipelineError(f"{source}: field 'monitor' must be a mapping or false, got {data!r}")
+    d, where = Monitor(), "monitor."
+    if unknown := sorted(set(data) - {"every_minutes", "window_minutes", "min_rows", "alpha", "min_distance"}):
+        raise PipelineError(f"{source}: unknown field(s) monitor.{', monitor.'.join(unknown)}")
+    return Monitor(
+        every_minutes=float(_number(data, "every_minutes", source, d.every_minutes, 1, 24 * 60, where)),
+        window_minutes=float(_number(data, "window_minutes", source, d.window_minutes, 1, 24 * 60, where)),
+        min_rows=int(_number(data, "min_rows", source, d.min_rows, 10, 10**7, where)),
+        alpha=float(_number(data, "alpha", source, d.alpha, 1e-9, 0.5, where)),
+        min_distance=float(_number(data, "min_distance", source, d.min_distance, 0, 1, where)),
+    )
+
+
+def parse_retrain(data: dict, source: str) -> Retrain:
+    if unknown := sorted(set(data) - {"schedule", "on_drift", "with_feedback"}):
+        raise PipelineError(f"{source}: unknown field(s) retrain.{', retrain.'.join(unknown)}")
+    schedule = data.get("schedule") or ""
+    if not isinstance(schedule, str) or not (
+        schedule == "" or schedule in CRON_PRESETS or re.fullmatch(r"(\S+\s+){4}\S+", schedule.strip())
+    ):
+        raise PipelineError(
+            f"{source}: field 'retrain.schedule' must be a cron expression of five fields or one of "
+            f"{', '.join(CRON_PRESETS)}, got {schedule!r}"
+        )
+    flags = {}
+    for key in ("on_drift", "with_feedback"):
+        flags[key] = data.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise PipelineError(f"{source}: field 'retrain.{key}' must be true or false, got {flags[key]!r}")
+    return Retrain(schedule=schedule.strip(), **flags)
 
 
 def load(path: Path) -> Pipeline:

@@ -120,7 +120,7 @@ def upload_from_tags(tags: dict[str, str], pipeline: str = "") -> Upload | None:
 class Trigger:
     """Who started a training run and with what: an upload, or a person (with their choices)."""
 
-    kind: str = "upload"  # upload | manual
+    kind: str = "upload"  # upload | manual | schedule (retrain.schedule) | drift (monitor_<p>)
     by: str = ""
     note: str = ""
     overrides: dict = field(default_factory=dict)
@@ -129,6 +129,12 @@ class Trigger:
     @property
     def manual(self) -> bool:
         return self.kind == "manual"
+
+    @property
+    def retrains(self) -> bool:
+        """Whether the run trains the newest data even if it was trained before: a person's run, a
+        scheduled one, or one drift asked for."""
+        return self.kind in ("manual", "schedule", "drift")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -143,6 +143,7 @@ class Retention:
     inference_index_hours: float = 7 * 24  # answers kept for feedback to match (once in MinIO)
     inference_index_rows: int = 1_000_000  # ...and at most this many per pipeline
     inference_days: float = 90  # Parquet answers and feedback in s3://inference (a bucket lifecycle rule)
+    monitoring_runs: int = 500  # drift monitoring runs in MLflow per pipeline (`<p>.monitoring`), newest kept
     prometheus_time: str = "15d"  # Prometheus' TSDB (--storage.tsdb.retention.time)
     prometheus_size: str = "1GB"  # ...and its cap on disk (--storage.tsdb.retention.size)
 

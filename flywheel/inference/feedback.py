@@ -71,7 +71,7 @@ def record(store: Store, pipeline: Pipeline, body) -> dict:
                     "request_id": rid,
                     "matched": False,
                     "error": f"no answer of {pipeline.name} with this request id "
-                    "(unknown, or older than the inference index keeps)",
+                    "(unknown, not sampled by inference_log.sample, or older than the inference index keeps)",
                 }
             )
             continue

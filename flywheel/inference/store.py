@@ -34,6 +34,9 @@ CREATE TABLE IF NOT EXISTS feedback (
     PRIMARY KEY (pipeline, request_id)
 );
 CREATE INDEX IF NOT EXISTS feedback_to_ship ON feedback (shipped, pipeline);
+CREATE TABLE IF NOT EXISTS drift (
+    pipeline TEXT PRIMARY KEY, t REAL NOT NULL, result TEXT NOT NULL
+);
 """
 
 
@@ -141,6 +144,29 @@ class Store:
                 loss_var=sum((x - mean) ** 2 for x in losses) / (len(losses) - 1) if len(losses) > 1 else 0.0,
             )
         return {"versions": out, "shadow": shadow_figures(pairs, metric), "metric": metric, "since": since}
+
+    def answered(self, pipeline: str, since: float) -> int:
+        """Answers to clients (not shadow copies) since `since`: whether a monitoring window is worth reading."""
+        with self.lock:
+            (n,) = self.db.execute(
+                "SELECT COUNT(*) FROM answers WHERE pipeline = ? AND t >= ? AND role != 'shadow'", (pipeline, since)
+            ).fetchone()
+        return int(n)
+
+    # --- drift (the monitor's last verdict per pipeline: one row each) -------------------------------
+
+    def set_drift(self, pipeline: str, result: dict) -> None:
+        with self.lock:
+            self.db.execute(
+                "INSERT INTO drift (pipeline, t, result) VALUES (?, ?, ?) ON CONFLICT (pipeline) "
+                "DO UPDATE SET t = excluded.t, result = excluded.result",
+                (pipeline, time.time(), json.dumps(result)),
+            )
+
+    def drift(self) -> dict[str, dict]:
+        with self.lock:
+            rows = self.db.execute("SELECT pipeline, t, result FROM drift").fetchall()
+        return {p: {**json.loads(result), "recorded": t} for p, t, result in rows}
 
     # --- shipping and retention -------------------------------------------------------------------------
 

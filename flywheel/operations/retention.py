@@ -76,6 +76,7 @@ def policies(retention: Retention) -> dict[str, str]:
             f"{retention.dead_letters_hours:g} h, Nginx's access log rotated past {retention.access_log_mb} MB"
         ),
         "prometheus": f"TSDB {retention.prometheus_time}, at most {retention.prometheus_size}",
+        "monitoring": f"the newest {retention.monitoring_runs} drift monitoring runs per pipeline (by monitor_<p>)",
     }
 
 

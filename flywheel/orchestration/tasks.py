@@ -13,13 +13,14 @@ import os
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from flywheel.clients import inference
 from flywheel.clients.mlflow_rest import MlflowAPI
 from flywheel.core import pipelines, schema
 from flywheel.core.schema import parse_time
 from flywheel.core.settings import Settings
 from flywheel.core.steps import REJECTED, StepSpec
 from flywheel.core.upload import Upload
-from flywheel.operations import alerts, retention
+from flywheel.operations import alerts, monitoring, retention
 from flywheel.orchestration import runner
 from flywheel.platform import deployments
 from flywheel.serving import live
@@ -29,6 +30,8 @@ from flywheel.training import ledger, planning
 log = logging.getLogger(__name__)
 
 VALIDATE = "flywheel.training.validate"
+MONITOR = "flywheel.inference.monitor"
+DERIVE = "flywheel.inference.derive"
 TRAIN = "flywheel.training.train"
 BUILD = "flywheel.serving.build"
 PRUNE = "flywheel.serving.prune"
@@ -55,6 +58,8 @@ def trigger(pipeline: pipelines.Pipeline, dag_run, params) -> schema.Trigger:
     the run at once, with the reason, before any training.
     """
     run_type = getattr(getattr(dag_run, "run_type", ""), "value", getattr(dag_run, "run_type", ""))
+    if run_type == "scheduled":
+        return schema.Trigger(kind="schedule", by="schedule", note=pipeline.retrain.schedule)
     if run_type != "manual":
         return schema.Trigger()
     params = dict(params or {})
@@ -76,6 +81,9 @@ def plan(pipeline_name: str, airflow_run: str, triggering_asset_events=None, dag
     settings = Settings.load()
     pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
     started_by = trigger(pipeline, dag_run, params)
+    asked = [e.extra for events in (triggering_asset_events or {}).values() for e in events if e.extra.get("retrain")]
+    if asked and not started_by.manual:  # monitor_<p> asked for it (drift): it retrains even trained data
+        started_by = schema.Trigger(kind="drift", by=f"monitor_{pipeline.name}", note=str(asked[-1].get("reason", "")))
     for events in (triggering_asset_events or {}).values():
         for e in events:
             log.info("triggered by the upload of %s (etag %s)", e.extra.get("key"), e.extra.get("etag"))
@@ -165,6 +173,8 @@ def account(pipeline_name: str, airflow_run: str, planned: dict | None, inlet_ev
         plan_ = planning.Plan.from_dict(planned)
         if plan_.trigger.manual:
             return _nothing("a hand-triggered run: uploads are accounted for by the runs they trigger")
+        if plan_.trigger.kind == "schedule":
+            return _nothing("a scheduled run: uploads are accounted for by the runs they trigger")
         if plan_.skip and plan_.decided:
             outcome, by, target = plan_.decided, plan_.trained_by, None  # what that earlier run did
         elif plan_.skip:
@@ -251,6 +261,82 @@ def judge(pipeline_name: str, rolled: dict | None) -> dict:
     pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
     verdict = live.judge(settings, pipeline, log=log.info)
     return dataclasses.asdict(verdict)
+
+
+def monitor(pipeline_name: str, airflow_run: str) -> dict:
+    """Judge the last window of answers against the serving version's training profile
+    (inference/monitor.py), record the verdict (Prometheus, `flywheel status`), alert on drift.
+
+    A window with too few answers costs one count from the inference service, not a step."""
+    import time
+
+    settings = Settings.load()
+    pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
+    monitoring.follow_up(settings, pipeline)
+    since, until = monitoring.window(pipeline, time.time())
+    answers = inference.answered(settings, pipeline_name, since)
+    if answers < pipeline.monitor.min_rows:
+        reason = f"{answers} answers in the window, fewer than the {pipeline.monitor.min_rows} it needs"
+        current = deployments.current(settings, pipeline_name)
+        result = {
+            "pipeline": pipeline_name,
+            "version": current.version if current else "",
+            "since": since,
+            "until": until,
+            "rows": answers,
+            "decided": False,
+            "detected": False,
+            "reason": reason,
+            "features": [],
+        }
+    else:
+        result = step(settings, MONITOR, pipeline=pipeline_name, since=since, until=until, airflow_run=airflow_run)
+    log.info("v%s: %s", result.get("version"), result["reason"])
+    inference.record_drift(settings, pipeline_name, result)
+    if result.get("detected"):
+        alerts.notify(settings, [monitoring.drift_alert(result)])
+    return result
+
+
+def retrain(pipeline_name: str, result: dict, outlet_events, dataset_asset) -> dict:
+    """Drift detected: retrain on what production saw (`retrain.with_feedback`: a dataset derived from
+    the labelled answers, written as a new upload) or on the newest upload; the dataset asset's event
+    says why. Never in a loop (operations/monitoring.py)."""
+    import time
+
+    settings = Settings.load()
+    pipeline = pipelines.get(settings.pipelines_dir, pipeline_name)
+    last = monitoring.load(settings, pipeline_name)
+    go, why = monitoring.should_retrain(pipeline, result, last, time.time())
+    if not go:
+        raise AirflowSkipException(why)
+    if pipeline.retrain.with_feedback:
+        derived = step(settings, DERIVE, pipeline=pipeline_name, reason=result["reason"])
+        if not derived["written"]:
+            raise AirflowSkipException(derived["reason"])
+        upload = Upload(pipeline_name, settings.datasets_bucket, derived["key"], derived["etag"], derived["version_id"])
+        log.info(
+            "derived %s: %s rows of %s plus %s labelled rows",
+            derived["key"],
+            derived["base_rows"],
+            derived["base"]["key"],
+            derived["feedback_rows"],
+        )
+    else:
+        upload = planning.newest(settings, pipeline)
+        current = deployments.current(settings, pipeline_name)
+        if upload is None:
+            raise AirflowSkipException("nothing to retrain on")
+        if last is not None and last.dataset == upload.key and last.dataset_version == upload.version_id:
+            raise AirflowSkipException(f"drift already retrained {upload.key}; upload new data to retrain")
+        log.info("retraining v%s's pipeline on %s", current.version if current else "?", upload.key)
+    monitoring.save(
+        settings,
+        pipeline_name,
+        monitoring.Retraining(time.time(), result["version"], upload.key, upload.version_id, result["reason"]),
+    )
+    outlet_events[dataset_asset].extra = {**upload.to_dict(), "retrain": "drift", "reason": result["reason"][:500]}
+    return {"dataset": upload.key, "version_id": upload.version_id, "reason": result["reason"]}
 
 
 def retention_task(store: str, params: dict | None) -> dict:

@@ -16,6 +16,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flywheel.core import pipelines
+from flywheel.core.errors import PipelineError
 from flywheel.core.settings import Settings
 from flywheel.platform import supervisor
 
@@ -152,6 +154,10 @@ def listen_address(host: str) -> str:
 def start_replicas(settings: Settings, pipeline: str, colour: str, bento_tag: str, ports: list[int]) -> None:
     """One supervisord program per replica, each pinned to its own core, started together as a group."""
     group = group_name(pipeline, colour)
+    try:  # the inference log's share of answers (`inference_log.sample`)
+        sample = pipelines.get(settings.pipelines_dir, pipeline).inference_log.sample
+    except PipelineError:
+        sample = 1.0
     sections: supervisor.Sections = {}
     names = []
     for i, port in enumerate(ports):
@@ -169,6 +175,7 @@ def start_replicas(settings: Settings, pipeline: str, colour: str, bento_tag: st
             **settings.serving_env(),
             "FLYWHEEL_REQUEST_LOG": str(settings.logs / f"{name}.requests.log"),
             "FLYWHEEL_INFERENCE_SPOOL": str(settings.inference_spool / pipeline / f"{name}.jsonl"),
+            "FLYWHEEL_INFERENCE_SAMPLE": str(sample),
         }
         sections.update(supervisor.program(settings, name, command, env, priority=200, cpus=supervisor.cpus_for(i)))
         names.append(name)

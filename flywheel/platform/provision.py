@@ -13,6 +13,7 @@ import json
 import httpx
 
 from flywheel.clients import objectstore
+from flywheel.core import pipelines
 from flywheel.core.settings import (
     AIRFLOW_USERS,
     INFERENCE_BUCKET,
@@ -38,8 +39,10 @@ class ProvisionError(RuntimeError):
 
 
 def ml_policy(settings: Settings) -> dict:
-    """What the platform's MinIO identity may do: read datasets, read and write MLflow's artifacts, and
-    write and read the inference log (never delete it: its bucket's lifecycle rule does)."""
+    """What the platform's MinIO identity may do: read datasets, read and write MLflow's artifacts,
+    write and read the inference log (never delete it: its bucket's lifecycle rule does), and add
+    training sets derived from feedback (`datasets/<p>/feedback/…`, inference/derive.py) and nothing
+    else to the datasets: it cannot replace what a person uploaded."""
     datasets, artifacts, inference = settings.datasets_bucket, settings.mlflow_bucket, INFERENCE_BUCKET
     return {
         "Version": "2012-10-17",
@@ -53,6 +56,11 @@ def ml_policy(settings: Settings) -> dict:
                 "Effect": "Allow",
                 "Action": ["s3:GetObject", "s3:GetObjectVersion"],
                 "Resource": [f"arn:aws:s3:::{datasets}/*"],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:PutObject"],
+                "Resource": [f"arn:aws:s3:::{datasets}/*/feedback/*"],
             },
             {
                 "Effect": "Allow",
@@ -133,7 +141,19 @@ def buckets(settings: Settings) -> None:
     expire = Rule(
         ENABLED, rule_filter=Filter(prefix=""), rule_id="flywheel-retention", expiration=Expiration(days=days)
     )
-    client.set_bucket_lifecycle(INFERENCE_BUCKET, LifecycleConfig([expire]))
+    # ...and a shorter life where a pipeline asks for one (`inference_log.keep_days`): each rule applies,
+    # so the shorter wins.
+    rules = [expire] + [
+        Rule(
+            ENABLED,
+            rule_filter=Filter(prefix=f"{p.name}/"),
+            rule_id=f"flywheel-retention-{p.name}",
+            expiration=Expiration(days=p.inference_log.keep_days),
+        )
+        for p in pipelines.load_all(settings.pipelines_dir)[0]
+        if p.inference_log.keep_days and p.inference_log.keep_days < days
+    ]
+    client.set_bucket_lifecycle(INFERENCE_BUCKET, LifecycleConfig(rules))
     arn = f"arn:minio:sqs::{WEBHOOK_ID}:webhook"
     client.set_bucket_notification(
         settings.datasets_bucket,

@@ -156,8 +156,9 @@ def plan(
     """The plan of a run (and the MLflow runs it found killed). LookupError: a person's choice names nothing.
 
     An upload-triggered run is skipped when that very upload was already trained or rejected: a
-    burst's later events then cost a plan and an account, not a retraining. `triggered_by` are the
-    uploads of the asset events that started it.
+    burst's later events then cost a plan and an account, not a retraining. A scheduled run
+    (`retrain.schedule`) and one drift started train the newest upload whatever trained it before.
+    `triggered_by` are the uploads of the asset events that started it.
     """
     planned_at = datetime.datetime.now(datetime.UTC).isoformat()
     upload = chosen(settings, pipeline, trigger.dataset) if trigger.manual else newest(settings, pipeline)
@@ -166,13 +167,13 @@ def plan(
         killed = fail_killed_runs(mlflow, pipeline, airflow_run)
         if upload is None:
             skip = f"nothing to train: no object under datasets/{pipeline.dataset_prefix} starts a run"
-        elif not trigger.manual and _older_than_its_triggers(upload, triggered_by or []):
+        elif trigger.kind == "upload" and _older_than_its_triggers(upload, triggered_by or []):
             skip = (
                 f"the upload(s) that started this run are gone (deleted); the newest remaining one, {upload.key}, "
                 "is older and is not retrained by surprise (`flywheel train` trains it by hand)"
             )
             upload = None
-        elif not trigger.manual:  # a person's run trains even data trained before
+        elif not trigger.retrains:  # a person's, a scheduled or a drift run trains even data trained before
             trained_by, outcome = decided(mlflow, pipeline, upload)
             if trained_by:
                 skip = f"the newest upload, {upload.key}, was already {outcome} by MLflow run {trained_by}"

@@ -12,7 +12,7 @@ import numpy as np
 
 from flywheel import frameworks
 from flywheel.clients.tracking import require_tracking
-from flywheel.core import pipelines, schema, steps
+from flywheel.core import pipelines, profiles, schema, steps
 from flywheel.core.errors import DatasetInvalid
 from flywheel.core.pipelines import Pipeline
 from flywheel.core.scores import score
@@ -76,6 +76,16 @@ def contract(pipeline: Pipeline, classes: list[str]) -> schema.Contract:
         max_value=pipeline.max_value if pipeline.is_image else 0.0,
         classes=tuple(classes),
     )
+
+
+def profile(pipeline: Pipeline, x: np.ndarray, predicted: np.ndarray) -> dict:
+    """What the monitor compares live answers with (core/profiles.py): the training inputs (tables:
+    the features; images: their summaries), and the model's predictions on the holdout."""
+    if pipeline.is_image:
+        return profiles.build(
+            list(profiles.IMAGE_FEATURES), profiles.image_summary(x, pipeline.max_value), predicted, pipeline.task
+        )
+    return profiles.build(list(pipeline.features), x, predicted, pipeline.task)
 
 
 class ProductionUnscorable(RuntimeError):
@@ -205,6 +215,7 @@ def run(
         info = fw.log_model(model, x_holdout[:3])
         # The deploy step replays these rows through the new server before it takes traffic.
         mlflow.log_dict(smoke_set(pipeline, x_holdout, y_holdout, predicted), schema.SMOKE_ARTIFACT)
+        mlflow.log_dict(profile(pipeline, x_train, predicted), profiles.PROFILE_ARTIFACT)
         run_id = active.info.run_id
         evaluation = schema.Evaluation(challenger, champion_version or "", champion, verdict, reason)
         # Created with its tags in one call: no version ever exists without its provenance.

@@ -4,7 +4,12 @@
                                      the same API keys as /predict; flywheel/inference/feedback.py)
     GET  /v1/live/<pipeline>?since=  answers, labelled answers and the live score per version and role,
                                      and the shadow copies' disagreement (what the rollout judge reads)
-    GET  /metrics                    flywheel_live_score{pipeline, model_version, role, metric}, and the
+    GET  /v1/answered/<pipeline>?since=  how many answers (not shadow copies) since then
+    PUT  /v1/drift/<pipeline>        the drift monitor's verdict on its last window (monitor_<p>)
+    GET  /v1/drift                   the last verdict of every pipeline
+    GET  /metrics                    flywheel_live_score{pipeline, model_version, role, metric},
+                                     flywheel_drift_score{pipeline, model_version, feature},
+                                     flywheel_drift_detected{pipeline, model_version}, and the
                                      collector's counters
     GET  /health
 
@@ -136,6 +141,33 @@ async def live(pipeline: str, request: Request, since: float = 0.0):
     return await run_in_threadpool(request.app.state.store.live, pipeline, spec.metric, since)
 
 
+@app.get("/v1/answered/{pipeline}")
+async def answered(pipeline: str, request: Request, since: float = 0.0):
+    await run_in_threadpool(
+        collector.ingest, request.app.state.settings, request.app.state.store, request.app.state.counters
+    )
+    return {"pipeline": pipeline, "since": since, "answers": request.app.state.store.answered(pipeline, since)}
+
+
+@app.put("/v1/drift/{pipeline}")
+async def put_drift(pipeline: str, request: Request):
+    if _pipeline(request.app.state.settings, pipeline) is None:
+        return error(404, f"no pipeline {pipeline!r}")
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        return error(400, "the body is not JSON")
+    if not isinstance(body, dict) or not isinstance(body.get("features", []), list):
+        return error(400, "expected the monitor's result: an object with its features' figures")
+    await run_in_threadpool(request.app.state.store.set_drift, pipeline, body)
+    return {"pipeline": pipeline, "recorded": True}
+
+
+@app.get("/v1/drift")
+async def get_drift(request: Request):
+    return await run_in_threadpool(request.app.state.store.drift)
+
+
 @app.get("/metrics")
 async def metrics(request: Request) -> Response:
     body = await run_in_threadpool(generate_latest, request.app.state.registry)
@@ -170,6 +202,7 @@ class LiveMetrics:
                     labelled.add_metric([spec.name, version, role], f["labelled"])
         yield score
         yield labelled
+        yield from drift_metrics(store.drift())
         spooled = CounterMetricFamily(
             "flywheel_inference_records", "Answers read from the Bentos' spool", labels=["pipeline"]
         )
@@ -194,3 +227,34 @@ class LiveMetrics:
         for p, c in store.counts().items():
             backlog.add_metric([p], c["unshipped"])
         yield backlog
+
+
+def drift_metrics(results: dict[str, dict]):
+    """The monitor's last verdict per pipeline: only decided windows set the figures."""
+    score = GaugeMetricFamily(
+        "flywheel_drift_score",
+        "Distance between live answers and the serving version's training profile, per feature "
+        "(Kolmogorov-Smirnov D, or total variation for classes), over the last decided window",
+        labels=["pipeline", "model_version", "feature"],
+    )
+    detected = GaugeMetricFamily(
+        "flywheel_drift_detected",
+        "1 when the last decided window drifted from the serving version's training profile",
+        labels=["pipeline", "model_version"],
+    )
+    rows = GaugeMetricFamily(
+        "flywheel_drift_window_rows", "Answers in the monitor's last window", labels=["pipeline", "model_version"]
+    )
+    checked = GaugeMetricFamily(
+        "flywheel_drift_checked_timestamp", "When the monitor last looked (seconds)", labels=["pipeline"]
+    )
+    for pipeline, r in results.items():
+        version = str(r.get("version") or "")
+        checked.add_metric([pipeline], float(r.get("recorded") or 0.0))
+        rows.add_metric([pipeline, version], float(r.get("rows") or 0))
+        if not r.get("decided"):
+            continue
+        detected.add_metric([pipeline, version], 1.0 if r.get("detected") else 0.0)
+        for f in r.get("features") or []:
+            score.add_metric([pipeline, version, str(f.get("feature"))], float(f.get("distance") or 0.0))
+    yield from (score, detected, rows, checked)

@@ -58,8 +58,13 @@ class LiveTraffic:
     feedback for every answer (the true species of its row), posted in batches as a labelling
     process would. Records every answer: its status, version and role."""
 
-    def __init__(self, settings: Settings, pipeline: str, clients: int = 3, user_ids: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, pipeline: str, clients: int = 3, user_ids: bool = False, rows=None, pause: float = 0.0
+    ) -> None:
         self.settings, self.pipeline, self.clients, self.user_ids = settings, pipeline, clients, user_ids
+        # What each request asks: rows(i) -> a row of four features and its true species; HOLDOUT in turn by default.
+        self.rows = rows or (lambda i: HOLDOUT[i % len(HOLDOUT)])
+        self.pause = pause  # seconds between one client's requests
         self.answers: dict[str, dict] = {}
         self.failures: list[tuple[float, str]] = []  # (when, what)
         self.labelled: set[str] = set()
@@ -83,8 +88,10 @@ class LiveTraffic:
         with Client(self.settings) as client:
             i = worker
             while not self.stopped.is_set():
-                row = HOLDOUT[i % len(HOLDOUT)]
+                row = self.rows(i)
                 i += self.clients
+                if self.pause:
+                    self.stopped.wait(self.pause)
                 rid = f"t-{uuid.uuid4().hex}"
                 headers = client.headers(rid)
                 if self.user_ids:  # an A/B test's key: 200 users, each sticking to one arm

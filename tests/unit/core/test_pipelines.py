@@ -1,5 +1,6 @@
 """Pipeline files: the shipped ones load; mistakes name the file and the field."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,56 @@ def test_rollout_defaults_in_one_place_and_overrides(tmp_path):
         "X-Team",
     )
     assert r.live and r.error_ratio == pipelines.Rollout.error_ratio  # what is not said keeps its default
+
+
+def test_monitor_and_retrain_defaults_and_overrides(tmp_path):
+    plain = pipelines.load(write(tmp_path, "demo", GOOD))
+    assert plain.monitor == pipelines.Monitor() and plain.monitor.enabled
+    assert plain.retrain == pipelines.Retrain() and not plain.retrain.on_drift
+    text = GOOD + (
+        "monitor: {every_minutes: 1, window_minutes: 2, min_rows: 50}\n"
+        "retrain: {schedule: '*/10 * * * *', on_drift: true, with_feedback: true}\n"
+    )
+    p = pipelines.load(write(tmp_path, "demo", text))
+    assert (p.monitor.every_minutes, p.monitor.window_minutes, p.monitor.min_rows) == (1.0, 2.0, 50)
+    assert p.monitor.alpha == pipelines.Monitor.alpha
+    assert (p.retrain.schedule, p.retrain.on_drift, p.retrain.with_feedback) == ("*/10 * * * *", True, True)
+    assert not pipelines.load(write(tmp_path, "demo", GOOD + "monitor: false\n")).monitor.enabled
+    daily = pipelines.load(write(tmp_path, "demo", GOOD + "retrain: {schedule: '@daily'}\n"))
+    assert daily.retrain.schedule == "@daily"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("monitor: {every: 5}\n", "unknown field(s) monitor.every"),
+        ("monitor: {every_minutes: 0}\n", "'monitor.every_minutes' must be between 1"),
+        ("monitor: 3\n", "'monitor' must be a mapping or false"),
+        ("retrain: {schedule: 'often'}\n", "'retrain.schedule' must be a cron expression"),
+        ("retrain: {on_drift: 'yes'}\n", "'retrain.on_drift' must be true or false"),
+        ("retrain: {with_feedback: true}\n", "set retrain.on_drift"),
+        ("monitor: false\nretrain: {on_drift: true}\n", "needs the monitor"),
+    ],
+)
+def test_monitor_and_retrain_mistakes_are_named(tmp_path, extra, message):
+    with pytest.raises(pipelines.PipelineError, match=re.escape(message)):
+        pipelines.load(write(tmp_path, "demo", GOOD + extra))
+
+
+def test_feedback_retraining_is_for_tables(tmp_path):
+    with pytest.raises(pipelines.PipelineError, match="for tables"):
+        pipelines.load(write(tmp_path, "demo", IMAGE + "retrain: {on_drift: true, with_feedback: true}\n"))
+
+
+def test_inference_log_sampling_and_retention(tmp_path):
+    plain = pipelines.load(write(tmp_path, "demo", GOOD))
+    assert plain.inference_log == pipelines.InferenceLog(sample=1.0, keep_days=None)
+    p = pipelines.load(write(tmp_path, "demo", GOOD + "inference_log: {sample: 0.25, keep_days: 7}\n"))
+    assert (p.inference_log.sample, p.inference_log.keep_days) == (0.25, 7)
+    for bad, message in (
+        ("inference_log: {sample: 0}\n", "'inference_log.sample' must be between 0.001 and 1"),
+        ("inference_log: {keep_days: 1.5}\n", "'inference_log.keep_days' must be a whole number"),
+        ("inference_log: {days: 3}\n", "unknown field(s) inference_log.days"),
+    ):
+        with pytest.raises(pipelines.PipelineError, match=re.escape(message)):
+            pipelines.load(write(tmp_path, "demo", GOOD + bad))

@@ -1,0 +1,168 @@
+"""End to end: the monitor watches what production answers, and drift retrains on what it saw.
+
+One pipeline (iris_drift) is monitored every minute over one-minute windows, and retrains on drift
+with feedback. The test knows what it sent: first rows drawn from the very file v1 was trained on
+(no window may alarm), then the same rows with sepal_width moved by 1.5 (about 3.5 standard
+deviations), each answer labelled with its row's true species. The shifted windows must be
+detected within two windows, name sepal_width, alert, reach Prometheus, and produce a dataset
+derived from the upload and the test's labels, which trains like any upload.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+
+from flywheel.clients import inference, prometheus
+from flywheel.clients.mlflow_rest import MlflowAPI
+from flywheel.clients.objectstore import client as minio_client
+from flywheel.core import profiles, schema
+from tests.e2e.stack_ops import DEADLINE, TRAINING, airflow, csv_bytes, extra_pipeline, put, served, wait_until
+from tests.e2e.test_live_rollouts import LiveTraffic
+
+pytestmark = pytest.mark.e2e
+
+PIPELINE = "iris_drift"
+LOOP = """
+monitor: {every_minutes: 1, window_minutes: 1, min_rows: 100}
+retrain: {on_drift: true, with_feedback: true}
+"""
+SHIFT = 1.5  # added to sepal_width
+
+
+def training_rows(i: int) -> list:
+    return random.Random(i).choice(TRAINING)
+
+
+def shifted_rows(i: int) -> list:
+    row = list(random.Random(i).choice(TRAINING))
+    row[1] = round(row[1] + SHIFT, 2)
+    return row
+
+
+def drift_alerts(inbox) -> list[dict]:
+    return [a for a in inbox.received if a["name"] == "Flywheel: drift" and a["labels"].get("pipeline") == PIPELINE]
+
+
+def verdict(settings) -> dict | None:
+    return inference.drift(settings).get(PIPELINE)
+
+
+def decided_windows(settings, after: float, count: int, timeout: float) -> list[dict]:
+    """The monitor's next `count` decided verdicts on windows starting after `after`."""
+    seen: dict[float, dict] = {}
+
+    def enough():
+        v = verdict(settings)
+        if v and v.get("decided") and v["since"] >= after:
+            seen[v["since"]] = v
+        return len(seen) >= count and list(seen.values())
+
+    return wait_until(enough, timeout, f"{count} decided monitoring windows of {PIPELINE}", interval=5)
+
+
+@pytest.fixture(scope="module")
+def looped(stack_settings):
+    with extra_pipeline(stack_settings, PIPELINE, edit=lambda text: text + LOOP) as name:
+        put(stack_settings, f"{name}/v1.csv", csv_bytes(TRAINING))
+        first = wait_until(lambda: served(stack_settings, name), DEADLINE, f"{name} v1 served")
+        yield first["model"]["version"]
+
+
+def test_drift_is_detected_named_alerted_and_retrained_on_feedback(stack_settings, looped, alert_inbox):
+    settings = stack_settings
+    started = time.time()
+    # 1. Traffic from the training distribution, with honest labels: several windows, no alarm.
+    with LiveTraffic(settings, PIPELINE, clients=2, rows=training_rows, pause=0.1) as calm:
+        calm_windows = decided_windows(settings, started, 2, 300)
+    assert not calm.failures, calm.failures[:3]
+    false_alarms = [w for w in calm_windows if w["detected"]]
+    assert not false_alarms, [w["reason"] for w in false_alarms]
+    assert all(w["version"] == looped and w["rows"] >= 100 for w in calm_windows), calm_windows
+    assert not drift_alerts(alert_inbox)
+
+    # 2. sepal_width moved: detected within two windows of shifted traffic, and only that feature.
+    shifted_at = time.time()
+    with LiveTraffic(settings, PIPELINE, clients=2, rows=shifted_rows, pause=0.1) as shifted:
+
+        def detected():
+            v = verdict(settings)
+            return v and v.get("detected") and v["since"] >= shifted_at - 60 and v
+
+        found = wait_until(detected, 200, f"drift detected on {PIPELINE}", interval=5)
+    delay = time.time() - shifted_at
+    drifted_inputs = [f for f in found["drifted"] if f != profiles.PREDICTION]
+    assert drifted_inputs == ["sepal_width"], found["reason"]
+    print(f"drift detected {delay:.0f} s after the shift began: {found['reason']}")
+
+    # The alert names the feature; Prometheus has the figures from the inference service.
+    alert = wait_until(lambda: next(iter(drift_alerts(alert_inbox)), None), 60, "the drift alert")
+    assert "sepal_width" in alert["labels"]["features"] and "sepal_width" in alert["summary"]
+    series = wait_until(
+        lambda: prometheus.query(settings, f'flywheel_drift_detected{{pipeline="{PIPELINE}"}} == 1'),
+        60,
+        "flywheel_drift_detected in Prometheus",
+    )
+    assert series[0]["metric"]["model_version"] == looped
+    distance = prometheus.query(settings, f'flywheel_drift_score{{pipeline="{PIPELINE}",feature="sepal_width"}}')
+    assert float(distance[0]["value"][1]) >= 0.2
+
+    # The monitoring run in MLflow holds the figures and the HTML report of that window.
+    with MlflowAPI.connect(settings) as mlflow:
+        runs = mlflow.search_runs(f"{PIPELINE}.monitoring", "tags.`drift.detected` = 'true'", max_results=10)
+        assert runs, "no monitoring run recorded the drift"
+        report = mlflow.run_artifact(runs[0]["info"]["run_id"], "drift/report.html").decode()
+    assert "sepal_width" in report and report.count("<img") == 5
+
+    # 3. The loop: a dataset derived from v1's upload and the test's own labels, trained like any upload.
+    minio = minio_client(settings, root=True)
+    derived = wait_until(
+        lambda: [o for o in minio.list_objects("datasets", prefix=f"{PIPELINE}/feedback/", recursive=True)],
+        180,
+        "a dataset derived from feedback",
+    )
+    assert len(derived) == 1, [o.object_name for o in derived]
+    stat = minio.stat_object("datasets", derived[0].object_name)
+    meta = {k.lower(): v for k, v in stat.metadata.items()}
+    assert meta["x-amz-meta-flywheel-derived-from"].startswith(f"{PIPELINE}/v1.csv")
+    body = minio.get_object("datasets", derived[0].object_name).read().decode()
+    rows = body.strip().splitlines()[1:]
+    feedback_rows = int(meta["x-amz-meta-flywheel-feedback-rows"])
+    assert len(rows) == len(TRAINING) + feedback_rows
+    # Every labelled row is one the test labelled: calm ones, or shifted ones (sepal_width moved).
+    assert feedback_rows >= len(calm.labelled) > 0  # labelled a minute and more before it was derived
+    assert feedback_rows <= len(calm.labelled) + len(shifted.labelled)
+    shifted_in_set = sum(1 for r in rows[len(TRAINING) :] if float(r.split(",")[1]) > 4.4 + 0.05)
+    assert shifted_in_set > 0
+
+    # ...its training run decided, on exactly that object, started through the dataset asset.
+    key = derived[0].object_name
+
+    def decided_on_it():
+        with MlflowAPI.connect(settings) as mlflow:
+            for run in mlflow.search_runs(PIPELINE, schema.tag_filter(schema.UPLOAD_KEY, key)):
+                record = schema.RunRecord.from_tags(run["data"]["tags"])
+                if record.decision:
+                    return record
+        return None
+
+    record = wait_until(decided_on_it, DEADLINE, f"a training run on {key}")
+    with airflow(settings) as api:
+        events = api.get("/assets/events", asset_id=api.asset_id(f"s3://datasets/{PIPELINE}"), limit=50)
+    sources = {e["source_dag_id"] for e in events["asset_events"] if (e.get("extra") or {}).get("key") == key}
+    assert f"monitor_{PIPELINE}" in sources, json.dumps(events["asset_events"][-3:])[:1000]
+    if record.decision == schema.PROMOTED:
+        wait_until(
+            lambda: (s := served(settings, PIPELINE)) and s["model"]["version"] == record.model_version,
+            DEADLINE,
+            f"v{record.model_version}, trained on feedback, served",
+        )
+    else:  # the loop stops, and says so
+        wait_until(
+            lambda: [a for a in alert_inbox.received if a["name"] == "Flywheel: drift, and retraining did not help"],
+            300,
+            "the 'retraining did not help' alert",
+        )
