@@ -8,8 +8,10 @@
    bench/client.py (see run_client for why not wrk).
 
 Rounds are interleaved (off, on, off, on, ...) and each figure is the median of the rounds, with its
-range. Needs the stack up with iris deployed and no rollout running.
-Run: .venv/platform/bin/python bench/live_overhead.py [--seconds 8] [--rounds 3]
+range. Needs the stack up with the pipeline deployed and no rollout running. `--pipeline digits` (or
+mnist) measures the spool of an image pipeline: one image per request, its three-number summary
+(core/profiles.py) computed and spooled only when the spool is on; mirroring is measured for iris.
+Run: .venv/platform/bin/python bench/live_overhead.py [--pipeline iris] [--seconds 8] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ from flywheel.platform import deployments, routes, stack
 from flywheel.platform.deployments import Deployment, Traffic
 
 BENCH = Path(__file__).resolve().parent
-BODY = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
+BODIES = {
+    "iris": {"inputs": [[5.1, 3.5, 1.4, 0.2]]},
+    # One digit-like image each: a bar of ink on a blank field.
+    "digits": {"inputs": [[[0.0] * 2 + [12.0] * 4 + [0.0] * 2 for _ in range(8)]]},
+    "mnist": {"inputs": [[[0.0] * 10 + [200.0] * 8 + [0.0] * 10 for _ in range(28)]]},
+}
+BODY = BODIES["iris"]
 SERVER_CPU, LOAD_CPU = 0, 1
 CONNECTIONS = 32
 
@@ -151,15 +159,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pipeline", choices=sorted(BODIES), default="iris")
     args = parser.parse_args()
+    global BODY
+    BODY = BODIES[args.pipeline]
     settings = Settings.load()
-    live = deployments.current(settings, "iris")
-    if live is None or deployments.candidate(settings, "iris") is not None:
-        raise SystemExit("needs iris deployed and no rollout running (flywheel up; flywheel demo)")
+    live = deployments.current(settings, args.pipeline)
+    if live is None or deployments.candidate(settings, args.pipeline) is not None:
+        raise SystemExit(f"needs {args.pipeline} deployed and no rollout running (flywheel up; an upload)")
     rows = spool(settings, live.bento_tag, args.seconds, args.rounds)
-    rows += mirroring(settings, live, args.seconds, args.rounds)
+    if args.pipeline == "iris":
+        rows += mirroring(settings, live, args.seconds, args.rounds)
     (BENCH / "results").mkdir(exist_ok=True)
-    (BENCH / "results" / "live_overhead.json").write_text(json.dumps(rows, indent=1))
+    (BENCH / "results" / f"live_overhead_{args.pipeline}.json").write_text(json.dumps(rows, indent=1))
     print(f"\n| c={CONNECTIONS} | req/s, median (range) | p99 ms, median (range) | failed |")
     print("|---|---|---|---|")
     for r in rows:
@@ -169,7 +181,8 @@ def main() -> None:
         )
     base = {r["variant"]: r["rps"] for r in rows}
     print(f"\nspool on / off: {base['spool on'] / base['spool off']:.2f}")
-    print(f"mirrored / plain: {base['through Nginx, mirrored'] / base['through Nginx']:.2f}")
+    if "through Nginx" in base:
+        print(f"mirrored / plain: {base['through Nginx, mirrored'] / base['through Nginx']:.2f}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import anyio
 import bentoml
 import numpy as np
-from provenance import MAX_INPUTS, MODEL, JSONAnswer, answer  # beside this file in every build folder
+from provenance import MAX_INPUTS, MODEL, SPOOL, JSONAnswer, answer  # beside this file in every build folder
 from pydantic import AllowInfNan, Discriminator, Field, RootModel, Strict, Tag
 
 from flywheel import frameworks
@@ -159,7 +159,7 @@ class ImagePredictor:
         # The request log says how many images shared this request's forward pass.
         # The inference log keeps three numbers per image (core/profiles.py), not its pixels: what the
         # drift monitor compares with the training images' profile.
-        summary = image_summary(batch, MAX_VALUE).round(4).tolist()
+        summary = image_summary(batch, MAX_VALUE).round(4).tolist() if SPOOL.path is not None else None
         return answer(
             ctx, predictions, started, time.perf_counter(), inputs=summary, images=len(inputs), forward_pass=in_pass
         )

@@ -502,6 +502,8 @@ def load_all(directory: Path) -> tuple[list[Pipeline], dict[str, PipelineError]]
             pipelines.append(load(path))
         except PipelineError as exc:
             errors[path.stem] = exc
+        except FileNotFoundError:  # removed between the listing and the read: gone, not broken
+            continue
     return pipelines, errors
 
 

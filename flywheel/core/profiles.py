@@ -47,7 +47,9 @@ def numeric(values, sample: int = SAMPLE, seed: int = 0) -> dict:
         "mean": float(finite.mean()) if len(finite) else None,
         "std": float(finite.std()) if len(finite) else None,
         "quantiles": np.quantile(finite, np.linspace(0, 1, 11)).tolist() if len(finite) else [],
-        "sample": [round(float(v), 6) for v in picked],
+        # As float32, the precision models see: the monitor compares live values at the same precision,
+        # so a value's ties are not split by rounding (a binary feature would look 50 % drifted).
+        "sample": [float(v) for v in picked.astype(np.float32)],
     }
 
 

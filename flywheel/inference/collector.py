@@ -66,6 +66,17 @@ def _ingest(settings: Settings, store: Store, counters: Counters) -> int:
     return added
 
 
+def dropped(settings: Settings) -> dict[str, int]:
+    """Answers each pipeline's replicas could not spool, as they count them (`<replica>.dropped`)."""
+    found: dict[str, int] = defaultdict(int)
+    for path in records.spool_dir(settings).glob("*/*.dropped"):
+        try:
+            found[path.parent.name] += int(path.read_text() or 0)
+        except (OSError, ValueError):
+            continue
+    return dict(found)
+
+
 def _key(pipeline: str, kind: str, first: float, n: int) -> str:
     stamp = time.gmtime(first)
     return (

@@ -57,9 +57,10 @@ def _numeric(name: str, reference: dict, live, alpha: float, min_distance: float
     import numpy as np
     from scipy import stats
 
-    live = np.asarray(live, dtype=np.float64)
+    # Both at float32, the precision of the profile's sample (core/profiles.py) and of the models.
+    live = np.asarray(live, dtype=np.float32).astype(np.float64)
     live = live[np.isfinite(live)]
-    sample = np.asarray(reference["sample"], dtype=np.float64)
+    sample = np.asarray(reference["sample"], dtype=np.float32).astype(np.float64)
     if not len(live) or not len(sample):
         return FeatureDrift(name, "ks", 0.0, 1.0, False)
     test = stats.ks_2samp(sample, live)

@@ -1,7 +1,9 @@
 """Lineage: from an upload to the answer it produced, each link read from the service that owns it.
 
 upload (MinIO) -> asset event (Airflow) -> training run (Airflow) -> MLflow run (metrics, gate)
--> registered version (aliases) -> Bento -> deployment (Nginx, what serves now).
+-> registered version (aliases) -> Bento -> deployment (Nginx, what serves now). An upload drift
+derived from feedback names its sources (the upload it extends, the feedback window), and its event
+the monitor_<p> run that emitted it.
 
 Starting points: a pipeline (its production version), a registered version, or an answer's
 X-Request-Id, found in Nginx's access log (which records the request id, the pipeline and the model
@@ -44,6 +46,11 @@ def _upload(settings: Settings, upload: Upload | None) -> Link:
         stat = objectstore.client(settings).stat_object(upload.bucket, upload.key, version_id=upload.version_id or None)
         facts["uploaded_at"] = stat.last_modified.isoformat()
         facts["size"] = stat.size
+        # A dataset drift derived from feedback (inference/derive.py) says what it was made of.
+        meta = {k.lower(): v for k, v in (stat.metadata or {}).items()}
+        for name in ("derived-from", "feedback-since", "feedback-until", "feedback-rows", "reason"):
+            if value := meta.get(f"x-amz-meta-flywheel-{name}"):
+                facts[name.replace("-", "_")] = value
     except Exception as exc:  # deleted since, or MinIO away: the link still says what it was
         facts["uploaded_at"] = f"unknown ({type(exc).__name__})"
     url = f"{settings.url(settings.ports.minio_console)}/browser/{upload.bucket}/{quote(upload.key, safe='')}"
@@ -66,7 +73,14 @@ def _asset_event(settings: Settings, airflow: AirflowAPI, pipeline: str, version
         return Link("asset event", "", f"{settings.airflow_url}/assets/{asset_id}", {"uri": uri, "found": False})
     first = min(mine, key=lambda e: e["timestamp"])  # the upload's own event (a reconciled one may follow)
     runs = [r.get("run_id") for e in mine for r in e.get("created_dagruns") or []]
-    facts = {"uri": uri, "timestamp": first["timestamp"], "events": len(mine), "created_runs": runs}
+    sources = sorted({e.get("source_dag_id") or "the events bridge (MinIO's notification)" for e in mine})
+    facts = {
+        "uri": uri,
+        "timestamp": first["timestamp"],
+        "events": len(mine),
+        "from": sources,
+        "created_runs": runs,
+    }
     return Link("asset event", str(first["id"]), f"{settings.airflow_url}/assets/{asset_id}", facts)
 
 

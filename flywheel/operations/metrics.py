@@ -31,6 +31,10 @@ EXPORTED = frozenset(
         "flywheel_bridge_events_total",
         "flywheel_live_score",
         "flywheel_inference_unshipped",
+        "flywheel_inference_dropped_total",
+        "flywheel_drift_score",
+        "flywheel_drift_detected",
+        "flywheel_drift_window_rows",
     }
 )
 WINDOW = "1m"

@@ -218,6 +218,14 @@ class LiveMetrics:
         yield CounterMetricFamily(
             "flywheel_inference_unreadable", "Spool lines that could not be read", value=counters.unreadable
         )
+        dropped = CounterMetricFamily(
+            "flywheel_inference_dropped",
+            "Answers a Bento did not spool (its spool full while this service was away, or its disk failing)",
+            labels=["pipeline"],
+        )
+        for p, n in collector.dropped(settings).items():
+            dropped.add_metric([p], n)
+        yield dropped
         yield CounterMetricFamily(
             "flywheel_inference_ship_errors", "Collector rounds that failed", value=counters.ship_errors
         )

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from flywheel.clients import load as loadgen
+from flywheel.clients import prometheus
 from flywheel.clients.airflow_rest import AirflowAPI
 from flywheel.clients.objectstore import client as minio_client
 from flywheel.core.settings import GENERATED_SECRETS, REPO_ROOT, Settings, read_env_file
@@ -313,6 +314,43 @@ def test_feedback_reaches_the_inference_container_and_the_log_lands_in_minio(set
         )
 
 
+def answer_training_rows(settings: Settings, n: int) -> None:
+    """n answers of rows from the training file, with this run's API key: a window for the monitor."""
+    key = {"Authorization": f"Bearer {settings.client_api_key}"}
+    with httpx.Client(base_url=settings.predict_url, headers=key, timeout=30) as http:
+        for i in range(n):
+            r = http.post(f"/{PIPELINE}/predict", json={"inputs": [TRAINING[(i * 7) % len(TRAINING)][:4]]})
+            assert r.status_code == 200, r.text
+    # Past the window's end (now - 15 s) and the inference container's shipping to MinIO (every 10 s).
+    time.sleep(30)
+
+
+def monitor_by_hand(airflow: AirflowAPI) -> dict:
+    """A run of monitor_<p> now (its schedule is every 5 minutes), once it has finished."""
+    run = airflow.trigger(f"monitor_{PIPELINE}", {})
+    path = f"/dags/monitor_{PIPELINE}/dagRuns/{run['dag_run_id']}"
+    return wait_until(
+        lambda: (r := airflow.get(path))["state"] in ("success", "failed") and r, 300, "the monitor's run", interval=2
+    )
+
+
+def test_the_monitor_reads_the_inference_log_and_prometheus_has_its_verdict(settings, airflow, first):
+    """The drift monitor in containers: the window is read back from s3://inference, decided against
+    the serving version's training profile, and its figures reach Prometheus through `inference`."""
+    answer_training_rows(settings, 150)
+    run = monitor_by_hand(airflow)
+    assert run["state"] == "success", run
+    verdict = wait_until(
+        lambda: prometheus.query(settings, f'flywheel_drift_window_rows{{pipeline="{PIPELINE}"}} >= 150'),
+        60,
+        "the monitor's window in Prometheus",
+    )
+    version = verdict[0]["metric"]["model_version"]
+    scores = prometheus.query(settings, f'flywheel_drift_score{{pipeline="{PIPELINE}"}}')
+    assert {s["metric"]["feature"] for s in scores} == {*IRIS_COLUMNS, "prediction"}
+    assert {s["metric"]["model_version"] for s in scores} == {version}
+
+
 # --- the promises under load --------------------------------------------------------------------------
 
 
@@ -505,6 +543,11 @@ def test_the_docker_runner_runs_every_step_in_its_own_container(compose, setting
             (deploy, "build", "flywheel.serving.build"),
         ):
             assert f"[runner] {module} runs in container" in task_log(compose, run, task), (run["dag_id"], task)
+        # The drift monitor's step too.
+        answer_training_rows(settings, 120)
+        monitor = monitor_by_hand(airflow)
+        assert monitor["state"] == "success", monitor
+        assert "[runner] flywheel.inference.monitor runs in container" in task_log(compose, monitor, "check")
         # A rejection is the same outcome whichever runner ran the step: the same task states.
         rejected = reject_one(settings, airflow, f"{PIPELINE}/no-target-in-a-container.csv")
         assert rejected["states"] == rejected_locally["states"]

@@ -12,16 +12,34 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
+import uuid
 
 import pytest
 
 from flywheel.clients import inference, prometheus
+from flywheel.clients.api import Client
 from flywheel.clients.mlflow_rest import MlflowAPI
 from flywheel.clients.objectstore import client as minio_client
 from flywheel.core import profiles, schema
-from tests.e2e.stack_ops import DEADLINE, TRAINING, airflow, csv_bytes, extra_pipeline, put, served, wait_until
+from flywheel.operations import lineage
+from flywheel.platform import deployments
+from flywheel.training import samples
+from tests.e2e.stack_ops import (
+    DEADLINE,
+    TRAINING,
+    airflow,
+    csv_bytes,
+    extra_pipeline,
+    kill_9,
+    predict,
+    put,
+    served,
+    wait_until,
+)
 from tests.e2e.test_live_rollouts import LiveTraffic
+from tests.e2e.test_training_gate import digits_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -31,6 +49,7 @@ monitor: {every_minutes: 1, window_minutes: 1, min_rows: 100}
 retrain: {on_drift: true, with_feedback: true}
 """
 SHIFT = 1.5  # added to sepal_width
+KILLED_ANSWERS = 300  # answered, then labelled, by the kill -9 test
 
 
 def training_rows(i: int) -> list:
@@ -70,6 +89,35 @@ def looped(stack_settings):
         put(stack_settings, f"{name}/v1.csv", csv_bytes(TRAINING))
         first = wait_until(lambda: served(stack_settings, name), DEADLINE, f"{name} v1 served")
         yield first["model"]["version"]
+
+
+def test_the_inference_log_keeps_every_answer_a_killed_bento_had_flushed(stack_settings, looped):
+    """300 answers, a pause longer than the spool's flush (0.2 s), then kill -9 of every replica: each
+    answer is still in the inference log, as feedback on all of them finds (matched = logged)."""
+    settings = stack_settings
+    ids = []
+    with Client(settings) as client:
+        for i in range(KILLED_ANSWERS):
+            rid = f"k9-{uuid.uuid4().hex}"
+            row = training_rows(i)
+            r = client.http.post(f"/{PIPELINE}/predict", json={"inputs": [row[:4]]}, headers=client.headers(rid))
+            assert r.status_code == 200, r.text
+            ids.append((rid, row[4]))
+    time.sleep(1.0)
+    serving = deployments.current(settings, PIPELINE)
+    group = deployments.group_name(PIPELINE, serving.colour)
+    for i, port in enumerate(serving.ports):
+        name = f"{group}:{deployments.replica_name(PIPELINE, serving.colour, i)}"
+        killed = kill_9(settings, name, health=f"http://{settings.host}:{port}/readyz")
+        assert killed["survivors"] == [], killed
+
+    def all_matched():
+        with Client(settings) as client:
+            r = client.feedback(PIPELINE, {rid: [truth] for rid, truth in ids})
+        assert r.status_code == 200, r.text
+        return r.json()["matched"] == len(ids) and r.json()
+
+    wait_until(all_matched, 60, "every answer given before the kill in the inference log")
 
 
 def test_drift_is_detected_named_alerted_and_retrained_on_feedback(stack_settings, looped, alert_inbox):
@@ -134,7 +182,7 @@ def test_drift_is_detected_named_alerted_and_retrained_on_feedback(stack_setting
     assert len(rows) == len(TRAINING) + feedback_rows
     # Every labelled row is one the test labelled: calm ones, or shifted ones (sepal_width moved).
     assert feedback_rows >= len(calm.labelled) > 0  # labelled a minute and more before it was derived
-    assert feedback_rows <= len(calm.labelled) + len(shifted.labelled)
+    assert feedback_rows <= len(calm.labelled) + len(shifted.labelled) + KILLED_ANSWERS  # and the kill test's
     shifted_in_set = sum(1 for r in rows[len(TRAINING) :] if float(r.split(",")[1]) > 4.4 + 0.05)
     assert shifted_in_set > 0
 
@@ -154,6 +202,11 @@ def test_drift_is_detected_named_alerted_and_retrained_on_feedback(stack_setting
         events = api.get("/assets/events", asset_id=api.asset_id(f"s3://datasets/{PIPELINE}"), limit=50)
     sources = {e["source_dag_id"] for e in events["asset_events"] if (e.get("extra") or {}).get("key") == key}
     assert f"monitor_{PIPELINE}" in sources, json.dumps(events["asset_events"][-3:])[:1000]
+    # `flywheel lineage` of the version it made names the loop: the derived upload's sources, the monitor.
+    links = {link["what"]: link for link in lineage.chain(settings, PIPELINE, record.model_version)["links"]}
+    assert links["upload"]["facts"]["derived_from"].startswith(f"{PIPELINE}/v1.csv")
+    assert int(links["upload"]["facts"]["feedback_rows"]) == feedback_rows
+    assert f"monitor_{PIPELINE}" in links["asset event"]["facts"]["from"]
     if record.decision == schema.PROMOTED:
         wait_until(
             lambda: (s := served(settings, PIPELINE)) and s["model"]["version"] == record.model_version,
@@ -166,3 +219,89 @@ def test_drift_is_detected_named_alerted_and_retrained_on_feedback(stack_setting
             300,
             "the 'retraining did not help' alert",
         )
+
+
+def test_a_scheduled_retrain_fires(stack_settings):
+    """`retrain.schedule` adds the clock to the upload schedule: a run starts on the minute, with no
+    upload, and retrains the newest upload (recorded as a scheduled run)."""
+    settings = stack_settings
+    cron = "monitor: false\nretrain: {schedule: '* * * * *'}\n"
+    with extra_pipeline(settings, "iris_cron", edit=lambda text: text + cron) as name:
+        put(settings, f"{name}/v1.csv", csv_bytes(TRAINING))
+        wait_until(lambda: served(settings, name), DEADLINE, f"{name} v1 served")
+        with airflow(settings) as api:
+            run = wait_until(
+                lambda: next(
+                    (
+                        r
+                        for r in api.dag_runs(f"train_{name}")
+                        if r["run_type"] == "scheduled" and r["state"] in ("success", "failed")
+                    ),
+                    None,
+                ),
+                240,
+                f"a scheduled train_{name} run finished",
+            )
+        assert run["state"] == "success", run
+        with MlflowAPI.connect(settings) as mlflow:
+            runs = mlflow.search_runs(name, schema.tag_filter(schema.AIRFLOW_RUN, run["dag_run_id"]))
+        records = [schema.RunRecord.from_tags(r["data"]["tags"]) for r in runs]
+        trained = [r for r in records if r.decision]
+        assert trained, [r.reason for r in records]
+        assert trained[0].trigger.kind == "schedule" and trained[0].upload.key == f"{name}/v1.csv"
+
+
+def test_inverted_digits_are_detected(stack_settings):
+    """Images: the monitor compares the answered images' summaries with the training images'. Digits
+    as trained raise no alarm; the same digits inverted (16 - pixel) are detected."""
+    settings = stack_settings
+    watch = "monitor: {every_minutes: 1, window_minutes: 1, min_rows: 100}\n"
+    images, _ = digits_rows(400)
+    with extra_pipeline(settings, "digits_drift", base="digits", edit=lambda text: text + watch) as name:
+        sample = samples.make(settings, "digits", settings.state / "samples" / "digits_drift.npz")
+        put(settings, f"{name}/digits.npz", sample.read_bytes())
+        wait_until(
+            lambda: predict(settings, {"inputs": [images[0]]}, path=f"/{name}/predict").status_code == 200,
+            DEADLINE,
+            f"{name} served",
+        )
+
+        def traffic(picture, stop: threading.Event, failures: list):
+            i = 0
+            while not stop.is_set():
+                r = predict(settings, {"inputs": [picture(images[i % len(images)])]}, path=f"/{name}/predict")
+                if r.status_code != 200:
+                    failures.append(r.text[:200])
+                i += 7
+                stop.wait(0.05)
+
+        def verdict_after(t: float, detected: bool | None = None):
+            """The monitor's next decided verdict on a window starting after t (one that detected, if asked)."""
+
+            def ready():
+                v = inference.drift(settings).get(name)
+                if not (v and v.get("decided") and v["since"] >= t):
+                    return None
+                return v if detected is None or v["detected"] == detected else None
+
+            return ready
+
+        for picture, detected in ((lambda x: x, False), (lambda x: [[16.0 - v for v in row] for row in x], True)):
+            stop, failures = threading.Event(), []
+            workers = [threading.Thread(target=traffic, args=(picture, stop, failures)) for _ in range(2)]
+            started = time.time()
+            for w in workers:
+                w.start()
+            try:
+                if detected:
+                    v = wait_until(verdict_after(started - 60, True), 200, f"drift detected on {name}", interval=5)
+                    assert "pixel_mean" in v["drifted"], v["reason"]
+                else:  # two decided windows of digits as trained: no alarm in either
+                    first = wait_until(verdict_after(started), 200, f"a window of {name}", interval=5)
+                    second = wait_until(verdict_after(first["since"] + 1), 120, f"another window of {name}", interval=5)
+                    assert not first["detected"] and not second["detected"], (first["reason"], second["reason"])
+            finally:
+                stop.set()
+                for w in workers:
+                    w.join(timeout=30)
+            assert not failures, failures[:3]

@@ -95,3 +95,47 @@ def test_the_report_draws_every_feature():
     for name in IRIS:
         assert f">{name}<" in page
     assert "petal_length" in result.drifted
+
+
+def test_mnist_format_images_shifted_off_centre_or_inverted_are_detected():
+    from flywheel.training import samples
+
+    images, labels = samples.mnist(seed=0)  # 28x28, 0..255, digits centred as MNIST centres them
+    predictions = [str(v) for v in labels]
+    train, live = images[:1200], images[1200:1500]
+    profile = profiles.build(
+        list(profiles.IMAGE_FEATURES), profiles.image_summary(train, 255), predictions[:1200], "classification"
+    )
+
+    def columns(batch):
+        summary = profiles.image_summary(batch, 255)
+        found = {name: summary[:, i].tolist() for i, name in enumerate(profiles.IMAGE_FEATURES)}
+        found[profiles.PREDICTION] = predictions[1200:1500]
+        return found
+
+    assert not drift.compare(profile, columns(live), Monitor()).detected
+    inverted = drift.compare(profile, columns(255 - live), Monitor())
+    assert inverted.detected and "pixel_mean" in inverted.drifted
+    # Half the digit pushed out of the frame: less ink in every image.
+    cropped = np.roll(live, 14, axis=2)
+    cropped[:, :, :14] = 0
+    shifted = drift.compare(profile, columns(cropped), Monitor())
+    assert shifted.detected and "ink_fraction" in shifted.drifted, shifted.reason
+
+
+def test_values_at_full_precision_are_not_drift():
+    """Diabetes' features are standardised floats and one is binary: live values arrive at float64
+    precision, the profile keeps float32. Compared at one precision, windows of the training rows
+    raise no alarm (rounding once split every tie of the binary feature: half the mass 'drifted')."""
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes()
+    names = [f"f{i}" for i in range(data.data.shape[1])]
+    profile = profiles.build(names, data.data.astype(np.float32), data.target, "regression")
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        picked = rng.integers(0, len(data.data), 300)
+        columns = {n: data.data[picked, i].tolist() for i, n in enumerate(names)}
+        columns[profiles.PREDICTION] = data.target[picked].tolist()
+        result = drift.compare(profile, columns, Monitor())
+        assert not result.detected, result.reason

@@ -191,3 +191,18 @@ def test_inference_log_sampling_and_retention(tmp_path):
     ):
         with pytest.raises(pipelines.PipelineError, match=re.escape(message)):
             pipelines.load(write(tmp_path, "demo", GOOD + bad))
+
+
+def test_a_file_removed_while_listing_is_gone_not_broken(tmp_path, monkeypatch):
+    write(tmp_path, "demo", GOOD)
+    vanished = write(tmp_path, "other", GOOD.replace("name: demo", "name: other"))
+    real_load = pipelines.load
+
+    def load_after_removal(path):
+        if path == vanished:
+            path.unlink()
+        return real_load(path)
+
+    monkeypatch.setattr(pipelines, "load", load_after_removal)
+    loaded, errors = pipelines.load_all(tmp_path)
+    assert [p.name for p in loaded] == ["demo"] and errors == {}
