@@ -1,7 +1,8 @@
 """Benchmark: upload -> new version answering /predict, on the running embedded stack.
 
 Run `make up` first, then `.venv/platform/bin/python bench/upload_to_serving.py [--runs 3]`.
-Prints each run's seconds, the median, and the running stack's memory (PSS, shared pages counted once).
+Prints each run's seconds, the median, the running stack's memory (PSS, shared pages counted once), and
+the waterfall's median per hop over the runs (`flywheel lineage --timings`: the services' own records).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from flywheel.clients.api import Client
 from flywheel.core.settings import Settings
+from flywheel.operations import timings
 from flywheel.training import samples
 
 ROW = [5.1, 3.5, 1.4, 0.2]
@@ -45,6 +47,7 @@ def main() -> None:
     settings = Settings.load()
     sample = settings.state / "samples" / "bench-iris.csv"
     times = []
+    hops: dict[str, list[float]] = {}
     client = Client(settings)
     for i in range(args.runs):
         samples.make(settings, "iris", sample, seed=1000 + i)
@@ -54,6 +57,14 @@ def main() -> None:
         version = client.wait_for_version("iris", ROW, before)
         times.append(time.monotonic() - started)
         print(f"run {i + 1}: v{before} -> v{version} in {times[-1]:.1f}s", flush=True)
+        waterfall = timings.waterfall(settings, "iris", version)
+        print(timings.render(waterfall), flush=True)
+        for hop in waterfall["hops"]:
+            hops.setdefault(hop["name"], []).append(hop["seconds"])
+        hops.setdefault("total (services' records)", []).append(waterfall["total_seconds"])
+    print(f"\n| hop | median s (range), {args.runs} uploads |\n|---|---|")
+    for name, values in hops.items():
+        print(f"| {name} | {statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f}) |")
     memory, processes = stack_memory_mib(settings)
     print(
         json.dumps(

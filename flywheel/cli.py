@@ -18,7 +18,7 @@ from flywheel.core import pipelines, schema
 from flywheel.core.settings import AIRFLOW_CLI, Settings
 from flywheel.core.upload import Upload
 from flywheel.core.waiting import WaitTimeout, wait_until
-from flywheel.operations import alerts, lineage, metrics, monitoring, retention, status
+from flywheel.operations import alerts, lineage, metrics, monitoring, retention, status, timings
 from flywheel.operations.parked import DEAD_LETTERS, HELD
 from flywheel.operations.rollback import RollbackImpossible, rollback
 from flywheel.orchestration import bridge
@@ -187,6 +187,10 @@ def cmd_lineage(settings: Settings, args) -> int:
             if not args.pipeline:
                 _say("error: name a pipeline, or --request-id")
                 return 2
+            if args.timings:
+                waterfall = timings.waterfall(settings, args.pipeline, args.version)
+                print(json.dumps(waterfall, indent=1) if args.json else timings.render(waterfall))
+                return 0
             chain = lineage.chain(settings, args.pipeline, args.version)
     except lineage.LineageError as exc:
         _say(f"error: {exc}")
@@ -374,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="a registered version (default: production)")
     p.add_argument("--request-id", help="start from an answer's X-Request-Id")
     p.add_argument("--json", action="store_true", help="one JSON document")
+    p.add_argument("--timings", action="store_true", help="the waterfall: each hop from upload to first answer")
     p.set_defaults(func=cmd_lineage)
     p = sub.add_parser("rollout", help="a live rollout: step, traffic, figures per arm; or decide it by hand")
     p.add_argument("pipeline")

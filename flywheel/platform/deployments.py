@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flywheel.core import pipelines
@@ -34,6 +34,9 @@ class Deployment:
     colour: str
     ports: tuple[int, ...]
     deployed_at: float
+    # When each step of its rollout happened (epoch seconds): started, ready_<i>, smoked_<i>, switched,
+    # served (its first answer through Nginx). What `flywheel lineage --timings` shows.
+    timings: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def group(self) -> str:

@@ -136,6 +136,7 @@ def begin(settings: Settings, pipeline: Pipeline, candidate: Deployment, log=pri
         now,
     )
     save(settings, state)
+    candidate.timings["live"] = now  # its first share of traffic (or of mirrored copies)
     deployments.record_candidate(settings, pipeline.name, candidate, traffic(pipeline.rollout, phase, weight))
     routes.sync(settings)
     _tag(settings, pipeline.name, candidate.version, f"{RUNNING}: {state.summary}")
@@ -404,6 +405,7 @@ def promote(settings: Settings, pipeline: Pipeline, state: State, why: str, log=
     """The candidate takes all traffic and becomes `production`; the old colour drains and stops."""
     candidate = deployments.candidate(settings, pipeline.name).deployment
     old = deployments.current(settings, pipeline.name)
+    candidate.timings["switched"] = time.time()  # all traffic
     deployments.record(settings, pipeline.name, candidate)
     deployments.record_candidate(settings, pipeline.name, None)
     routes.sync(settings)

@@ -127,13 +127,16 @@ def _start_and_prove(
     """The colour's replicas of the Bento, started, ready, and each reproducing the recorded holdout score."""
     ports = routes.replica_ports(settings, pipeline.name, colour, pipeline.replicas)
     deployments.stop_replicas(settings, pipeline.name, colour)
+    timings = {"started": time.time()}
     deployments.start_replicas(settings, pipeline.name, colour, bento_tag, ports)
-    deployment = Deployment(pipeline.name, str(version), bento_tag, colour, tuple(ports), time.time())
+    deployment = Deployment(pipeline.name, str(version), bento_tag, colour, tuple(ports), time.time(), timings)
     smoke = load_smoke_set(settings, pipeline.name, version)
     for i, port in enumerate(ports):
         url = settings.url(port)
         stack.wait_healthy(f"{url}/readyz", ready_timeout, deployments.replica_name(pipeline.name, colour, i))
+        timings[f"ready_{i}"] = time.time()
         got = smoke_test(url, version, smoke)
+        timings[f"smoked_{i}"] = time.time()
         log(
             f"replica {i} ({url}) answers as v{version}: {smoke['metric']} {got:.4f} on {len(smoke['truth'])} "
             f"holdout rows (recorded {smoke['recorded']:.4f})"
@@ -180,9 +183,12 @@ def rollout(
     try:
         deployment, smoke = _start_and_prove(settings, pipeline, version, bento_tag, colour, ready_timeout, log)
         log(f"switching Nginx to {group}")
+        deployment.timings["switched"] = time.time()
         switch(settings, pipeline.name, deployment)
         switched = True
         _wait_served(settings, pipeline, version, smoke)
+        deployment.timings["served"] = time.time()
+        deployments.record(settings, pipeline.name, deployment)  # with its first answer's time
     except (DeployFailed, stack.StackError, RuntimeError, httpx.HTTPError) as exc:
         if switched:
             switch(settings, pipeline.name, live)

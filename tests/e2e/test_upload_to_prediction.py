@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from flywheel.clients.airflow_rest import AirflowAPI
+from flywheel.operations import timings
 from tests.e2e.stack_ops import (
     DEADLINE,
     HOLDOUT,
@@ -130,10 +131,23 @@ def test_bad_upload_fails_validation_and_the_old_model_keeps_serving(stack_setti
 
 def test_a_new_upload_retrains_and_the_answer_names_the_new_version(stack_settings, uploads):
     old = current_version(stack_settings)
+    started = time.time()
     uploads.append(put(stack_settings, "iris/second.csv", csv_bytes(list(reversed(TRAINING)))))
     body = wait_for_version(stack_settings, old)
+    seen = time.time() - started
     assert int(body["model"]["version"]) > int(old)
     assert body["dataset"]["etag"] == uploads[-1]["etag"]
+    # The waterfall (`flywheel lineage --timings`), from the services' own records, fits inside what
+    # this test measured from before its upload to seeing the new version answer.
+    waterfall = timings.waterfall(stack_settings, PIPELINE, body["model"]["version"])
+    print(timings.render(waterfall))
+    assert waterfall["complete"] and waterfall["upload"] == "iris/second.csv"
+    names = [hop["name"] for hop in waterfall["hops"]]
+    for hop in ("upload -> asset event (MinIO, bridge)", "plan", "validate", "train", "build"):
+        assert hop in names, names
+    assert {"replica 0 ready", "replica 1 smoke replay", "Nginx switched", "first answer through Nginx"} <= set(names)
+    assert all(hop["seconds"] >= 0 and hop["start"] >= 0 for hop in waterfall["hops"]), waterfall["hops"]
+    assert 0 < waterfall["total_seconds"] <= seen, (waterfall["total_seconds"], seen)
 
 
 def test_airflow_records_the_lineage(stack_settings, api, uploads):
