@@ -120,6 +120,8 @@ class InferenceSpool(_Batched):
             self.dropped = int(self.counted.read_text()) if self.counted is not None else 0
         except (OSError, ValueError):
             self.dropped = 0
+            if self.counted is not None:  # from the start: an alert on its increase sees the first drop
+                self.drop(0)
         # `inference_log.sample`: a request id's CRC decides, so every copy of a request (a shadow's
         # mirror, a retry) is logged or not alike.
         self.threshold = int(min(max(sample, 0.0), 1.0) * 0xFFFFFFFF)

@@ -203,13 +203,21 @@ def monitor_dag(p: pipelines.Pipeline) -> DAG:
         checked = check()
         if p.retrain.on_drift:
 
-            @task(outlets=[dataset], retries=0)
-            def retrain(result: dict, *, outlet_events=None) -> dict:
+            @task(retries=0)
+            def retrain(result: dict, *, run_id=None) -> dict:
                 from flywheel.orchestration import tasks
 
-                return tasks.retrain(p.name, result, outlet_events, dataset)
+                return tasks.retrain(p.name, result, run_id)
 
-            retrain(checked)
+            # The loop in the Asset view: monitor_<p> -> s3://datasets/<p>. A dataset derived from
+            # feedback arrives as an upload instead (its own notification), and this skips.
+            @task(outlets=[dataset], retries=2)
+            def emit(retrained: dict, *, outlet_events=None) -> dict:
+                from flywheel.orchestration import tasks
+
+                return tasks.emit_retraining(retrained, outlet_events, dataset)
+
+            emit(retrain(checked))
     return dag
 
 
@@ -217,7 +225,11 @@ _pipelines, _errors = pipelines.load_all(Settings.load().pipelines_dir)
 for _error in _errors.values():  # a broken pipeline file is reported and skipped; the others still load
     logging.getLogger(__name__).error("skipping pipeline: %s", _error)
 for _p in _pipelines:
-    globals()[f"train_{_p.name}"] = train_dag(_p)
-    globals()[f"deploy_{_p.name}"] = deploy_dag(_p)
-    if _p.monitor.enabled:
-        globals()[f"monitor_{_p.name}"] = monitor_dag(_p)
+    try:  # one pipeline's DAGs that cannot be made are reported; the others still load
+        made = {f"train_{_p.name}": train_dag(_p), f"deploy_{_p.name}": deploy_dag(_p)}
+        if _p.monitor.enabled:
+            made[f"monitor_{_p.name}"] = monitor_dag(_p)
+    except Exception:
+        logging.getLogger(__name__).exception("skipping pipeline %s: its DAGs cannot be made", _p.name)
+        continue
+    globals().update(made)

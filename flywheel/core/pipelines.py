@@ -92,6 +92,7 @@ class Retrain:
     schedule: str = ""  # a cron expression or preset (@daily): Airflow's asset-or-time schedule
     on_drift: bool = False  # drift detected -> retrain
     with_feedback: bool = False  # ...on the serving version's upload plus the labelled answers since it
+    cooldown_minutes: float = 60.0  # drift starts no retraining sooner than this after the last one
 
 
 @dataclass(frozen=True)
@@ -464,7 +465,7 @@ def parse_monitor(data: Any, source: str) -> Monitor:
 
 
 def parse_retrain(data: dict, source: str) -> Retrain:
-    if unknown := sorted(set(data) - {"schedule", "on_drift", "with_feedback"}):
+    if unknown := sorted(set(data) - {"schedule", "on_drift", "with_feedback", "cooldown_minutes"}):
         raise PipelineError(f"{source}: unknown field(s) retrain.{', retrain.'.join(unknown)}")
     schedule = data.get("schedule") or ""
     if not isinstance(schedule, str) or not (
@@ -479,7 +480,15 @@ def parse_retrain(data: dict, source: str) -> Retrain:
         flags[key] = data.get(key, False)
         if not isinstance(flags[key], bool):
             raise PipelineError(f"{source}: field 'retrain.{key}' must be true or false, got {flags[key]!r}")
-    return Retrain(schedule=schedule.strip(), **flags)
+    if schedule and schedule not in CRON_PRESETS:
+        try:  # Airflow's own cron parser, where it is installed (the DAGs are made there)
+            from croniter import croniter
+        except ImportError:
+            croniter = None
+        if croniter is not None and not croniter.is_valid(schedule):
+            raise PipelineError(f"{source}: field 'retrain.schedule' {schedule!r} is not a valid cron expression")
+    cooldown = float(_number(data, "cooldown_minutes", source, Retrain.cooldown_minutes, 0, 7 * 24 * 60, "retrain."))
+    return Retrain(schedule=schedule.strip(), cooldown_minutes=cooldown, **flags)
 
 
 def load(path: Path) -> Pipeline:

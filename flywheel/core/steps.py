@@ -75,6 +75,9 @@ class StepSpec:
 
     module: str
     args: dict = field(default_factory=dict)
+    # Background work (the drift monitor) yields the CPU to serving: a nice level where it runs as a
+    # process, a smaller CPU share where it runs as a container.
+    background: bool = False
 
     def command(self, result_path: str, python: str = "python") -> list[str]:
         return [python, "-m", self.module, "--args", json.dumps(self.args), "--result", result_path]

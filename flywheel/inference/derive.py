@@ -17,6 +17,7 @@ import io
 import json
 import sys
 import time
+from urllib.parse import quote
 
 from flywheel.clients import objectstore
 from flywheel.clients.tracking import client as tracking_client
@@ -34,7 +35,8 @@ def labelled(settings: Settings, pipeline: Pipeline, since: float) -> tuple[list
 
     client = objectstore.client(settings)
     newest: dict[str, dict] = {}
-    first_hour = time.strftime("date=%Y-%m-%d/hour=%H", time.gmtime(since))
+    # An object sits in the hour of its first row: one an hour earlier may hold later rows.
+    first_hour = time.strftime("date=%Y-%m-%d/hour=%H", time.gmtime(since - 3600))
     for obj in client.list_objects(INFERENCE_BUCKET, prefix=f"{pipeline.name}/feedback/", recursive=True):
         partition = "/".join(obj.object_name.split("/")[2:4])
         if partition < first_hour:
@@ -61,7 +63,17 @@ def labelled(settings: Settings, pipeline: Pipeline, since: float) -> tuple[list
     return x, y, len(newest)
 
 
-def derive(pipeline: str, reason: str = "") -> dict:
+def base_time(settings: Settings, base) -> float:
+    """Where the base's labels end: a derived set's own feedback window, else when it was uploaded."""
+    stat = objectstore.client(settings).stat_object(base.bucket, base.key, version_id=base.version_id or None)
+    meta = {k.lower(): v for k, v in (stat.metadata or {}).items()}
+    until = meta.get("x-amz-meta-flywheel-feedback-until")
+    if until:
+        return datetime.datetime.fromisoformat(until).timestamp()
+    return stat.last_modified.timestamp()
+
+
+def derive(pipeline: str, reason: str = "", monitor_run: str = "") -> dict:
     """The serving version's upload plus the labelled answers since it, written as a new upload."""
     import pandas as pd
 
@@ -76,7 +88,7 @@ def derive(pipeline: str, reason: str = "") -> dict:
     base = schema.VersionRecord.from_mlflow(spec.name, mv.version, mv.run_id, dict(mv.tags)).upload
     if base is None:
         return {"written": False, "reason": f"v{mv.version} names no upload"}
-    since = schema.parse_time(base.event_time).timestamp() if base.event_time else 0.0
+    since = base_time(settings, base)
     until = time.time()
     x, y, requests = labelled(settings, spec, since)
     if not y:
@@ -86,6 +98,11 @@ def derive(pipeline: str, reason: str = "") -> dict:
     columns = [*spec.features, spec.target]
     extra = pd.DataFrame(x, columns=list(spec.features))
     extra[spec.target] = y
+    try:  # labels as the upload has them (a Parquet column holds one type)
+        extra[spec.target] = extra[spec.target].astype(frame[spec.target].dtype)
+    except (TypeError, ValueError):
+        extra[spec.target] = extra[spec.target].astype(str)
+        frame[spec.target] = frame[spec.target].astype(str)
     derived = pd.concat([frame[columns], extra[columns]], ignore_index=True)
     buffer = io.BytesIO()
     if spec.format == "csv":
@@ -94,12 +111,13 @@ def derive(pipeline: str, reason: str = "") -> dict:
         derived.to_parquet(buffer, index=False)
     stamp = datetime.datetime.fromtimestamp(until, datetime.UTC)
     key = f"{spec.dataset_prefix}{FOLDER}{stamp.strftime('%Y%m%dT%H%M%S')}.{spec.format}"
-    metadata = {
-        "flywheel-derived-from": f"{base.key}@{base.version_id}" if base.version_id else base.key,
+    metadata = {  # S3 metadata is ASCII: keys and reasons are percent-encoded
+        "flywheel-derived-from": quote(f"{base.key}@{base.version_id}" if base.version_id else base.key),
         "flywheel-feedback-since": datetime.datetime.fromtimestamp(since, datetime.UTC).isoformat(),
         "flywheel-feedback-until": stamp.isoformat(),
         "flywheel-feedback-rows": str(len(y)),
-        "flywheel-reason": reason[:500],
+        "flywheel-reason": quote(reason[:500], safe=" ,()=.:-_/"),
+        "flywheel-monitor-run": quote(monitor_run),
     }
     size = buffer.tell()
     buffer.seek(0)

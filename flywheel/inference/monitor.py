@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import time
 
@@ -24,6 +25,8 @@ from flywheel.core.settings import INFERENCE_BUCKET, Settings
 from flywheel.inference import drift
 
 REPORT_ARTIFACT = "drift/report.html"
+CALM_RECORD_SECONDS = 3600.0  # a calm window is recorded in MLflow at most this often
+MAX_ANSWERS = 5000  # answers a window reads at most (a uniform sample beyond): the tests need no more
 RESULT_ARTIFACT = "drift/result.json"
 
 
@@ -41,39 +44,51 @@ def _hours(since: float, until: float) -> list[str]:
     return hours
 
 
-def window(settings: Settings, pipeline: Pipeline, since: float, until: float) -> dict[str, list]:
-    """What was answered to clients in [since, until): one column per feature, and the predictions."""
+def window(settings: Settings, pipeline: Pipeline, since: float, until: float, version: str) -> dict[str, list]:
+    """What `version` answered clients in [since, until): one column per feature, and the predictions.
+    Only that version's answers: a candidate's, or the one before a switch, are other models. At most
+    MAX_ANSWERS of them, a uniform sample: a busy hour costs the monitor no more than a quiet one."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     client = objectstore.client(settings)
-    seen: set[tuple[str, str]] = set()
     names = list(profiles.IMAGE_FEATURES) if pipeline.is_image else list(pipeline.features)
     columns: dict[str, list] = {name: [] for name in [*names, profiles.PREDICTION]}
+    wanted = ["time", "request_id", "model_version", "role", "inputs", "predictions"]
+    parts = []
     for hour in _hours(since, until):
-        prefix = f"{pipeline.name}/answers/{hour}"
-        for obj in client.list_objects(INFERENCE_BUCKET, prefix=prefix, recursive=True):
+        for obj in client.list_objects(INFERENCE_BUCKET, prefix=f"{pipeline.name}/answers/{hour}", recursive=True):
             response = client.get_object(INFERENCE_BUCKET, obj.object_name)
             try:
-                table = pq.read_table(io.BytesIO(response.read()))
+                table = pq.read_table(io.BytesIO(response.read()), columns=wanted)
             finally:
                 response.close()
                 response.release_conn()
-            rows = table.select(["time", "request_id", "role", "inputs", "predictions"]).to_pylist()
-            for row in rows:
-                if not since <= row["time"] < until or row["role"] == "shadow":
-                    continue
-                if (row["request_id"], row["role"]) in seen:
-                    continue
-                seen.add((row["request_id"], row["role"]))
-                inputs, predictions = json.loads(row["inputs"]), json.loads(row["predictions"])
-                if len(inputs) != len(predictions):
-                    continue
-                for values, predicted in zip(inputs, predictions):
-                    if not isinstance(values, list) or len(values) != len(names):
-                        continue
-                    for name, value in zip(names, values):
-                        columns[name].append(value)
-                    columns[profiles.PREDICTION].append(predicted)
+            keep = pc.and_(
+                pc.and_(pc.greater_equal(table["time"], since), pc.less(table["time"], until)),
+                pc.and_(pc.not_equal(table["role"], "shadow"), pc.equal(table["model_version"], version)),
+            )
+            parts.append(table.filter(keep).select(["request_id", "inputs", "predictions"]))
+    if not parts:
+        return columns
+    table = pa.concat_tables(parts)
+    seen: set[str] = set()
+    rows = [i for i, rid in enumerate(table["request_id"].to_pylist()) if not (rid in seen or seen.add(rid))]
+    if len(rows) > MAX_ANSWERS:  # shipped at least once: duplicates are gone, now a uniform sample
+        rows = sorted(np.random.default_rng(0).choice(rows, MAX_ANSWERS, replace=False).tolist())
+    picked = table.take(pa.array(rows, pa.int64()))
+    for raw_inputs, raw_predictions in zip(picked["inputs"].to_pylist(), picked["predictions"].to_pylist()):
+        inputs, predictions = json.loads(raw_inputs or "null"), json.loads(raw_predictions or "null")
+        if not isinstance(inputs, list) or not isinstance(predictions, list) or len(inputs) != len(predictions):
+            continue  # an image answer logged before summaries were, say
+        for values, predicted in zip(inputs, predictions):
+            if not isinstance(values, list) or len(values) != len(names):
+                continue
+            for name, value in zip(names, values):
+                columns[name].append(value)
+            columns[profiles.PREDICTION].append(predicted)
     return columns
 
 
@@ -109,12 +124,14 @@ def check(settings: Settings, pipeline: Pipeline, since: float, until: float, ai
     if profile is None:
         reason = f"v{mv.version} has no training profile (trained before drift monitoring): its successor will"
         return {**base, "version": str(mv.version), "rows": 0, "decided": False, "detected": False, "reason": reason}
-    columns = window(settings, pipeline, since, until)
+    columns = window(settings, pipeline, since, until, str(mv.version))
     result = drift.compare(profile, columns, pipeline.monitor)
     payload = {**base, "version": str(mv.version), **result.to_dict()}
     if not result.decided:
         return payload
-    mlflow.set_experiment(experiment(pipeline.name))
+    experiment_id = mlflow.set_experiment(experiment(pipeline.name)).experiment_id
+    if not result.detected and recently_recorded(client, experiment_id):
+        return {**payload, "mlflow_run": "", "report": "(a calm window: recorded at most once an hour)"}
     tags = {
         schema.PIPELINE: pipeline.name,
         schema.MODEL_VERSION: str(mv.version),
@@ -126,12 +143,24 @@ def check(settings: Settings, pipeline: Pipeline, since: float, until: float, ai
         schema.REASON: result.reason,
     }
     with mlflow.start_run(run_name=f"monitor-{pipeline.name}-v{mv.version}", tags=tags) as run:
-        mlflow.log_metrics({"rows": result.rows, **{f"drift_{f.feature}": f.distance for f in result.features}})
+        mlflow.log_metrics({"rows": result.rows, **{metric_name(f.feature): f.distance for f in result.features}})
         title = f"{pipeline.name} v{mv.version}: live answers against the training profile"
         mlflow.log_text(drift.report(title, profile, columns, result), REPORT_ARTIFACT)
         mlflow.log_dict(payload, RESULT_ARTIFACT)
     prune(client, run.info.experiment_id, settings.retention.monitoring_runs)
     return {**payload, "mlflow_run": run.info.run_id, "report": f"runs:/{run.info.run_id}/{REPORT_ARTIFACT}"}
+
+
+def metric_name(feature: str) -> str:
+    """`drift_<feature>`, in the characters MLflow takes in a metric's name."""
+    return "drift_" + re.sub(r"[^\w.\- /:]", "_", feature)
+
+
+def recently_recorded(client, experiment_id: str) -> bool:
+    """Whether a monitoring run was recorded within CALM_RECORD_SECONDS: a calm window then adds
+    none (its verdict still reaches Prometheus and `flywheel status`); a drifted one always does."""
+    last = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    return bool(last) and time.time() - last[0].info.start_time / 1000 < CALM_RECORD_SECONDS
 
 
 def prune(client, experiment_id: str, keep: int) -> int:

@@ -16,7 +16,7 @@ import datetime
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from flywheel.clients import objectstore
 from flywheel.clients.airflow_rest import AirflowAPI, AirflowRejected
@@ -48,9 +48,9 @@ def _upload(settings: Settings, upload: Upload | None) -> Link:
         facts["size"] = stat.size
         # A dataset drift derived from feedback (inference/derive.py) says what it was made of.
         meta = {k.lower(): v for k, v in (stat.metadata or {}).items()}
-        for name in ("derived-from", "feedback-since", "feedback-until", "feedback-rows", "reason"):
+        for name in ("derived-from", "feedback-since", "feedback-until", "feedback-rows", "reason", "monitor-run"):
             if value := meta.get(f"x-amz-meta-flywheel-{name}"):
-                facts[name.replace("-", "_")] = value
+                facts[name.replace("-", "_")] = unquote(value)
     except Exception as exc:  # deleted since, or MinIO away: the link still says what it was
         facts["uploaded_at"] = f"unknown ({type(exc).__name__})"
     url = f"{settings.url(settings.ports.minio_console)}/browser/{upload.bucket}/{quote(upload.key, safe='')}"

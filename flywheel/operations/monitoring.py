@@ -3,11 +3,13 @@
 It is recorded (the inference service exports it to Prometheus), alerted when drift is detected,
 and, with `retrain.on_drift`, answered by a retraining. Retraining on drift never loops:
 
-- one at a time: while the training it started has not decided, drift starts no other;
+- one at a time: while the training it started has not decided, drift starts no other (one that
+  has not decided within IN_FLIGHT_SECONDS is written off as lost, and says so);
+- at most one per `retrain.cooldown_minutes`, whatever the last one did;
 - once per version: a retraining that was not promoted alerts "drift, and retraining did not help"
   and starts no other until something else changes what serves (an upload, a person);
 - never on the same data twice: without feedback it retrains the newest upload only if the serving
-  version was not trained on it.
+  version was not trained on it (tasks.py).
 
 The state is one file per pipeline (`monitoring/<p>.json`), so a killed scheduler or worker loses
 nothing: the next window reads it.
@@ -16,6 +18,7 @@ nothing: the next window reads it.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,9 +87,12 @@ def drift_alert(result: dict) -> dict:
 
 
 def outcome(mlflow: MlflowAPI, pipeline: Pipeline, retraining: Retraining) -> str:
-    """What the training of the retraining's dataset decided, or "" while it has not."""
+    """What the training of the retraining's dataset decided, or "" while it has not: runs on that
+    upload started after the retraining asked for them (an earlier run on it is not an answer)."""
     found = mlflow.search_runs(pipeline.name, schema.tag_filter(schema.UPLOAD_KEY, retraining.dataset))
-    for run in found:
+    for run in sorted(found, key=lambda r: r["info"].get("start_time") or 0):
+        if (run["info"].get("start_time") or 0) / 1000 < retraining.at - 1:
+            continue
         record = schema.RunRecord.from_tags(run["data"]["tags"])
         if retraining.dataset_version and record.upload and record.upload.version_id != retraining.dataset_version:
             continue
@@ -106,6 +112,8 @@ def follow_up(settings: Settings, pipeline: Pipeline) -> Retraining | None:
         return retraining
     with MlflowAPI.connect(settings) as mlflow:
         retraining.outcome = outcome(mlflow, pipeline, retraining)
+    if not retraining.outcome and time.time() - retraining.at > IN_FLIGHT_SECONDS:
+        retraining.outcome = f"lost: no training on {retraining.dataset} decided within {IN_FLIGHT_SECONDS / 60:g} min"
     if retraining.outcome and not retraining.outcome.startswith("promoted") and not retraining.alerted:
         summary = (
             f"{pipeline.name}: drift on v{retraining.version}, and retraining on {retraining.dataset} did not help "
@@ -133,6 +141,8 @@ def should_retrain(pipeline: Pipeline, result: dict, last: Retraining | None, no
         return False, result.get("reason") or "no drift"
     if last is not None and not last.outcome and now - last.at < IN_FLIGHT_SECONDS:
         return False, f"the retraining on {last.dataset} has not decided yet"
+    if last is not None and now - last.at < pipeline.retrain.cooldown_minutes * 60:
+        return False, f"the last retraining on drift was {(now - last.at) / 60:.0f} min ago (retrain.cooldown_minutes)"
     if last is not None and last.version == result["version"] and not last.outcome.startswith("promoted"):
         return False, f"retraining did not help v{last.version} ({last.outcome}); waiting for what serves to change"
     return True, result["reason"]

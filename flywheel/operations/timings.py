@@ -90,8 +90,17 @@ def waterfall(settings: Settings, pipeline: str, version: str | None = None) -> 
         upload = record.upload
         if upload is None:
             raise LineageError(f"{pipeline} v{version} names no upload")
-        stat = objectstore.client(settings).stat_object(upload.bucket, upload.key, version_id=upload.version_id or None)
-        t0 = stat.last_modified.timestamp()
+        if upload.event_time:  # from MinIO's listing, to the millisecond
+            t0 = schema.parse_time(upload.event_time).timestamp()
+        else:  # an HTTP Last-Modified: to the second, up to 1 s early
+            try:
+                stat = objectstore.client(settings).stat_object(
+                    upload.bucket, upload.key, version_id=upload.version_id or None
+                )
+            except Exception as exc:  # deleted since (retention), MinIO away
+                why = f"{upload.describe()} cannot be read ({type(exc).__name__}): no upload time"
+                raise LineageError(why) from exc
+            t0 = stat.last_modified.timestamp()
         hops: list[Hop] = []
         event = _first_event(
             airflow,

@@ -33,6 +33,8 @@ TRAINER_IMAGE = "flywheel/trainer:latest"  # built from services/trainer/Dockerf
 NETWORK = "flywheel"  # docker-compose.yml's network: the services' names resolve on it
 CONTAINER_RESULT = "/tmp/flywheel-result.json"
 KUBERNETES_XCOM = "/airflow/xcom/return.json"  # where KubernetesPodOperator's sidecar reads XCom
+BACKGROUND_NICE = 10  # a background step's nice level (local)...
+BACKGROUND_CPU_SHARES = 256  # ...and CPU weight against Docker's 1,024 (docker); pods: their requests
 
 
 def backend() -> str:
@@ -78,7 +80,10 @@ def run_local(settings: Settings, spec: StepSpec) -> StepResult:
     with tempfile.TemporaryDirectory(prefix="flywheel-step-") as tmp:
         result_path = str(Path(tmp) / "result.json")
         command = spec.command(result_path, str(settings.venv_ml / "bin" / "python"))
-        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        nice = (lambda: os.nice(BACKGROUND_NICE)) if spec.background else None
+        with subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=nice
+        ) as proc:
             for line in proc.stdout:
                 sys.stdout.write(line)
                 tail.append(line.rstrip("\n"))
@@ -98,6 +103,7 @@ def run_docker(settings: Settings, spec: StepSpec, image: str = TRAINER_IMAGE) -
         volumes=shared_mounts(client, settings),
         detach=True,
         labels={"flywheel.step": spec.module},
+        cpu_shares=BACKGROUND_CPU_SHARES if spec.background else None,
     )
     print(f"[runner] {spec.module} runs in container {container.short_id} of {image}", flush=True)
     tail: deque[str] = deque(maxlen=20)

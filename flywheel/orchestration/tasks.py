@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 
+import httpx
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from flywheel.clients import inference
@@ -41,9 +42,9 @@ class StepFailed(RuntimeError):
     """A step failed in a way a retry may fix; the message is the step's own reason."""
 
 
-def step(settings: Settings, module: str, **args) -> dict:
+def step(settings: Settings, module: str, background: bool = False, **args) -> dict:
     """Run a step where the runner says; its payload, or AirflowFailException (rejected), or StepFailed."""
-    result = runner.run(settings, StepSpec(module, args))
+    result = runner.run(settings, StepSpec(module, args, background))
     if result.status == REJECTED:
         raise AirflowFailException(result.reason)  # no retry: the input itself is bad
     if not result.ok:
@@ -290,18 +291,33 @@ def monitor(pipeline_name: str, airflow_run: str) -> dict:
             "features": [],
         }
     else:
-        result = step(settings, MONITOR, pipeline=pipeline_name, since=since, until=until, airflow_run=airflow_run)
+        result = step(
+            settings,
+            MONITOR,
+            background=True,
+            pipeline=pipeline_name,
+            since=since,
+            until=until,
+            airflow_run=airflow_run,
+        )
     log.info("v%s: %s", result.get("version"), result["reason"])
-    inference.record_drift(settings, pipeline_name, result)
-    if result.get("detected"):
+    if result.get("detected"):  # first: the alert is the point, the export can wait for the next window
         alerts.notify(settings, [monitoring.drift_alert(result)])
+    try:
+        inference.record_drift(settings, pipeline_name, result)
+    except httpx.HTTPError as exc:
+        log.warning("the verdict did not reach the inference service (%s): the next window's will", exc)
     return result
 
 
-def retrain(pipeline_name: str, result: dict, outlet_events, dataset_asset) -> dict:
-    """Drift detected: retrain on what production saw (`retrain.with_feedback`: a dataset derived from
-    the labelled answers, written as a new upload) or on the newest upload; the dataset asset's event
-    says why. Never in a loop (operations/monitoring.py)."""
+def retrain(pipeline_name: str, result: dict, airflow_run: str) -> dict:
+    """Drift detected: retrain on what production saw, or on the newest upload. Never in a loop
+    (operations/monitoring.py).
+
+    With `retrain.with_feedback`, a dataset derived from the labelled answers is written as a new
+    upload, and MinIO's notification starts train_<p> as for any upload ({"emit": False}). Without,
+    `emit` asks train_<p> to retrain the newest upload through the dataset asset ({"emit": True}),
+    unless the serving version was trained on it already (retraining it would change nothing)."""
     import time
 
     settings = Settings.load()
@@ -311,7 +327,7 @@ def retrain(pipeline_name: str, result: dict, outlet_events, dataset_asset) -> d
     if not go:
         raise AirflowSkipException(why)
     if pipeline.retrain.with_feedback:
-        derived = step(settings, DERIVE, pipeline=pipeline_name, reason=result["reason"])
+        derived = step(settings, DERIVE, pipeline=pipeline_name, reason=result["reason"], monitor_run=airflow_run)
         if not derived["written"]:
             raise AirflowSkipException(derived["reason"])
         upload = Upload(pipeline_name, settings.datasets_bucket, derived["key"], derived["etag"], derived["version_id"])
@@ -324,19 +340,41 @@ def retrain(pipeline_name: str, result: dict, outlet_events, dataset_asset) -> d
         )
     else:
         upload = planning.newest(settings, pipeline)
-        current = deployments.current(settings, pipeline_name)
         if upload is None:
             raise AirflowSkipException("nothing to retrain on")
-        if last is not None and last.dataset == upload.key and last.dataset_version == upload.version_id:
-            raise AirflowSkipException(f"drift already retrained {upload.key}; upload new data to retrain")
-        log.info("retraining v%s's pipeline on %s", current.version if current else "?", upload.key)
+        with MlflowAPI.connect(settings) as mlflow:
+            tags = mlflow.model_version(pipeline.model_name, result["version"])["tags"]
+        served = schema.upload_from_tags(tags, pipeline_name)
+        if served is not None and served.same_as(upload):
+            raise AirflowSkipException(
+                f"v{result['version']} was trained on the newest upload, {upload.key}: retraining on it would "
+                "change nothing (upload new data, or set retrain.with_feedback)"
+            )
+        log.info("retraining on %s for drift on v%s", upload.key, result["version"])
     monitoring.save(
         settings,
         pipeline_name,
         monitoring.Retraining(time.time(), result["version"], upload.key, upload.version_id, result["reason"]),
     )
-    outlet_events[dataset_asset].extra = {**upload.to_dict(), "retrain": "drift", "reason": result["reason"][:500]}
-    return {"dataset": upload.key, "version_id": upload.version_id, "reason": result["reason"]}
+    return {
+        "emit": not pipeline.retrain.with_feedback,
+        "upload": upload.to_dict(),
+        "reason": result["reason"],
+    }
+
+
+def emit_retraining(retrained: dict, outlet_events, dataset_asset) -> dict:
+    """The dataset asset's event that starts train_<p> for drift (the newest upload, retrained)."""
+    if not retrained.get("emit"):
+        raise AirflowSkipException(
+            f"{retrained['upload']['key']} was written as an upload: MinIO's notification starts the training"
+        )
+    outlet_events[dataset_asset].extra = {
+        **retrained["upload"],
+        "retrain": "drift",
+        "reason": retrained["reason"][:500],
+    }
+    return retrained
 
 
 def retention_task(store: str, params: dict | None) -> dict:

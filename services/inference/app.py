@@ -157,8 +157,15 @@ async def put_drift(pipeline: str, request: Request):
         body = json.loads(await request.body())
     except ValueError:
         return error(400, "the body is not JSON")
-    if not isinstance(body, dict) or not isinstance(body.get("features", []), list):
-        return error(400, "expected the monitor's result: an object with its features' figures")
+    features = body.get("features", []) if isinstance(body, dict) else None
+    if not isinstance(features, list) or not all(
+        isinstance(f, dict)
+        and isinstance(f.get("feature"), str)
+        and isinstance(f.get("distance", 0.0), int | float)
+        and not isinstance(f.get("distance", 0.0), bool)
+        for f in features
+    ):
+        return error(400, "expected the monitor's result: an object whose features each have a name and a distance")
     await run_in_threadpool(request.app.state.store.set_drift, pipeline, body)
     return {"pipeline": pipeline, "recorded": True}
 

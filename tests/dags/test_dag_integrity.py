@@ -69,8 +69,9 @@ def test_drift_retraining_closes_the_loop_and_a_schedule_adds_the_clock(dagbag):
     iris = pipelines.get(REPO_ROOT / "pipelines", "iris")
     looped = dataclasses.replace(iris, retrain=pipelines.Retrain(schedule="@daily", on_drift=True, with_feedback=True))
     monitor = module.monitor_dag(looped)
-    assert [o.uri for o in monitor.get_task("retrain").outlets] == ["s3://datasets/iris"]
+    assert [o.uri for o in monitor.get_task("emit").outlets] == ["s3://datasets/iris"]
     assert monitor.get_task("retrain").upstream_task_ids == {"check"}
+    assert monitor.get_task("emit").upstream_task_ids == {"retrain"}
     train = module.train_dag(looped)
     assert type(train.timetable).__name__ == "AssetOrTimeSchedule"
     assert [a.uri for a in train.timetable.asset_condition.objects] == ["s3://datasets/iris"]

@@ -132,6 +132,7 @@ def test_a_shadow_candidate_that_fails_every_request_is_aborted_without_one_clie
                     (s := live.load(stack_settings, PIPELINE))
                     and s.status == live.RUNNING
                     and s.version != production
+                    and deployments.candidate(stack_settings, PIPELINE)  # written just after the state
                     and s
                 ),
                 DEADLINE,

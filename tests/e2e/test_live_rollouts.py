@@ -251,7 +251,8 @@ def test_a_good_challenger_goes_through_every_step_with_no_failed_request(stack_
             time.sleep(3)
             after = time.time()
             time.sleep(3)
-        assert run["state"] == "success", run
+        outcome = (live.load(stack_settings, PIPELINE).history, version_tags(stack_settings, state.version))
+        assert run["state"] == "success", (run, outcome)
         events = api.asset_events(f"deployment://{PIPELINE}/production")
     candidate = state.version
     answered = traffic.by()

@@ -206,3 +206,9 @@ def test_a_file_removed_while_listing_is_gone_not_broken(tmp_path, monkeypatch):
     monkeypatch.setattr(pipelines, "load", load_after_removal)
     loaded, errors = pipelines.load_all(tmp_path)
     assert [p.name for p in loaded] == ["demo"] and errors == {}
+
+
+def test_a_cron_airflow_cannot_read_is_refused_here(tmp_path):
+    with pytest.raises(pipelines.PipelineError, match="not a valid cron expression"):
+        pipelines.load(write(tmp_path, "demo", GOOD + "retrain: {schedule: '99 * * * *'}\n"))
+    assert pipelines.load(write(tmp_path, "demo", GOOD + "retrain: {schedule: '*/5 * * * 1-5'}\n")).retrain.schedule

@@ -46,3 +46,10 @@ def test_the_state_survives_a_new_process(tmp_path, monkeypatch):
     monitoring.save(FakeSettings, "iris", r)
     assert monitoring.load(FakeSettings, "iris") == r
     assert (tmp_path / "monitoring" / "iris.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_drift_retrains_at_most_once_per_cooldown():
+    done = monitoring.Retraining(at=1000.0, version="3", dataset="iris/feedback/a.csv", outcome="promoted v4")
+    go, why = monitoring.should_retrain(LOOPED, {**DRIFT, "version": "4"}, done, 1000.0 + 60)
+    assert not go and "cooldown" in why
+    assert monitoring.should_retrain(LOOPED, {**DRIFT, "version": "4"}, done, 1000.0 + 3601)[0]
