@@ -201,6 +201,13 @@ def figures(settings: Settings, pipeline: Pipeline, state: State) -> dict:
     return {"seconds": round(seconds, 1), "arms": arms, "shadow": live["shadow"], "metric": live["metric"]}
 
 
+# The live-score guardrail fails on a drop beyond `live_score_drop` that is also no accident of the
+# few labelled rows a step has: the candidate's per-row loss is higher than production's at this
+# level (Welch, one-sided). Two equally good models differ by more than 0.05 accuracy on 20 rows
+# often enough to roll back a good challenger; a bad one (0.38 against 0.98) is significant on 20.
+LIVE_SCORE_ALPHA = 0.05
+
+
 def _drop(pipeline: Pipeline, production: float, candidate: float) -> float:
     """How much worse the candidate's live score is (positive: worse), whichever way the metric points."""
     return production - candidate if pipeline.higher_is_better else candidate - production
@@ -226,10 +233,13 @@ def guardrails(pipeline: Pipeline, config: Rollout, fig: dict, phase: str = "can
     c, p = cand["live"], prod["live"]
     if phase != "ab" and c.get("rows", 0) >= config.min_feedback and p.get("rows", 0) >= config.min_feedback:
         drop = _drop(pipeline, p["score"], c["score"])
-        if drop > config.live_score_drop:
+        test = welch(c, p)
+        worse = test["z"] < 0 and test["p_value"] / 2 < LIVE_SCORE_ALPHA  # one-sided: the candidate loses more
+        if drop > config.live_score_drop and worse:
             failed.append(
                 f"live {pipeline.metric} {c['score']:.3f} on {c['rows']} labelled rows against production's "
-                f"{p['score']:.3f} on {p['rows']} (guardrail: a drop of at most {config.live_score_drop})"
+                f"{p['score']:.3f} on {p['rows']} (guardrail: a drop of at most {config.live_score_drop}; "
+                f"worse per row at p = {test['p_value'] / 2:.2g}, one-sided)"
             )
     return failed
 

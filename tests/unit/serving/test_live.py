@@ -34,7 +34,10 @@ def test_a_candidate_as_good_as_production_passes():
 
 
 def test_each_guardrail_names_its_figures():
-    worse = figures(arm("1", rows=50, score=0.95), arm("2", error_ratio=0.2, p99_ms=400, rows=40, score=0.6))
+    worse = figures(
+        arm("1", rows=50, score=0.95, loss=(0.05, 0.048)),
+        arm("2", error_ratio=0.2, p99_ms=400, rows=40, score=0.6, loss=(0.4, 0.246)),
+    )
     failed = live.guardrails(IRIS, CANARY, worse)
     assert len(failed) == 3
     assert "error ratio 0.200" in failed[0] and "p99 400.0 ms" in failed[1] and "live accuracy 0.600" in failed[2]
@@ -48,8 +51,21 @@ def test_the_live_score_waits_for_enough_labels_on_both_arms():
 def test_lower_is_better_metrics_point_the_other_way():
     rmse = Pipeline("d", "d/", "csv", "regression", "xgboost", "rmse")
     config = Rollout(strategy="canary", live_score_drop=1.0, min_feedback=10)
-    assert live.guardrails(rmse, config, figures(arm("1", rows=20, score=50.0), arm("2", rows=20, score=52.0)))
-    assert not live.guardrails(rmse, config, figures(arm("1", rows=20, score=50.0), arm("2", rows=20, score=49.5)))
+    prod = arm("1", rows=200, score=50.0, loss=(2500.0, 1e5))
+    assert live.guardrails(rmse, config, figures(prod, arm("2", rows=200, score=60.0, loss=(3600.0, 1e5))))
+    assert not live.guardrails(rmse, config, figures(prod, arm("2", rows=200, score=49.5, loss=(2450.0, 1e5))))
+
+
+def test_a_drop_that_few_rows_cannot_tell_from_chance_does_not_roll_back():
+    """Two equally good models (2 % wrong) differ by 0.08 on 20 labelled rows when 2 of them land on one
+    arm's wrong answers: not a rollback. The same drop on 2,000 rows each is one."""
+    prod = arm("1", rows=200, score=0.98, loss=(0.02, 0.0197))
+    chance = arm("2", rows=20, score=0.90, loss=(0.10, 0.0947))
+    assert live.guardrails(IRIS, CANARY, figures(prod, chance)) == []
+    many = figures(
+        arm("1", rows=2000, score=0.98, loss=(0.02, 0.0196)), arm("2", rows=2000, score=0.90, loss=(0.10, 0.09))
+    )
+    assert "live accuracy 0.900" in live.guardrails(IRIS, CANARY, many)[0]
 
 
 def test_a_step_waits_for_its_bake_time_and_its_requests():
