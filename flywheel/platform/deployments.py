@@ -154,6 +154,21 @@ def listen_address(host: str) -> str:
     return host
 
 
+def replica_home(settings: Settings, name: str) -> Path:
+    """A replica's own BENTOML_HOME: links to the shared bento and model stores, and its own
+    `prometheus_multiproc_dir`, which `bentoml serve` empties as it starts. With one home for every
+    Bento, each replica's /metrics summed every Bento's counts, and a new colour's start wiped the
+    serving colour's files, so Prometheus' figures per version (the canary's guardrails) mixed arms."""
+    home = settings.bentoml_home / "replicas" / name
+    home.mkdir(parents=True, exist_ok=True)
+    for store in ("bentos", "models", "envs"):
+        (settings.bentoml_home / store).mkdir(parents=True, exist_ok=True)
+        link = home / store
+        if not link.is_symlink():
+            link.symlink_to(Path("..") / ".." / store)  # relative: the same in every container that mounts it
+    return home
+
+
 def start_replicas(settings: Settings, pipeline: str, colour: str, bento_tag: str, ports: list[int]) -> None:
     """One supervisord program per replica, each pinned to its own core, started together as a group."""
     group = group_name(pipeline, colour)
@@ -179,6 +194,7 @@ def start_replicas(settings: Settings, pipeline: str, colour: str, bento_tag: st
             "FLYWHEEL_REQUEST_LOG": str(settings.logs / f"{name}.requests.log"),
             "FLYWHEEL_INFERENCE_SPOOL": str(settings.inference_spool / pipeline / f"{name}.jsonl"),
             "FLYWHEEL_INFERENCE_SAMPLE": str(sample),
+            "BENTOML_HOME": str(replica_home(settings, name)),
         }
         sections.update(supervisor.program(settings, name, command, env, priority=200, cpus=supervisor.cpus_for(i)))
         names.append(name)

@@ -84,7 +84,9 @@ def test_an_ab_test_is_sticky_and_decided_by_a_stated_test(stack_settings, ab):
         assert run["state"] == "failed", run
     candidate = str(int(production) + 1)
     assert traffic.failures == []
-    result = json.loads(version_tags(stack_settings, candidate, PIPELINE)[schema.AB_TEST])
+    tags = version_tags(stack_settings, candidate, PIPELINE)
+    assert schema.AB_TEST in tags, tags  # else something ended the test before it decided: the tags say what
+    result = json.loads(tags[schema.AB_TEST])
     print(f"A/B: {result}")
     assert result["decision"] == "production kept" and result["p_value"] < 0.05 and result["z"] < 0
     assert result["candidate"]["rows"] >= 60 and result["production"]["rows"] >= 60

@@ -94,6 +94,26 @@ def test_prometheus_scrapes_bento_metrics_labelled_by_version(stack_settings):
     assert {r["name"] for g in rules for r in g["rules"]} >= {"flywheel:request_rate:1m", "FlywheelHighErrorRate"}
 
 
+def test_each_replica_counts_only_its_own_requests(stack_settings):
+    """A replica's /metrics are its own (platform/deployments.py, replica_home): 20 requests sent to
+    one replica are counted there, and not by its sibling."""
+    replicas = [stack_settings.url(port) for port in deployments.current(stack_settings, "iris").ports]
+    assert len(replicas) >= 2, replicas
+
+    def predicted(url: str) -> float:
+        lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if line.startswith("bentoml_service_request_total{") and 'endpoint="/predict"' in line
+        )
+
+    before = [predicted(url) for url in replicas[:2]]
+    for _ in range(20):
+        assert httpx.post(f"{replicas[0]}/predict", json=ROW, timeout=10).status_code == 200
+    assert [predicted(url) - b for url, b in zip(replicas[:2], before)] == [20.0, 0.0]
+
+
 def test_every_metric_dashboards_use_is_scraped(stack_settings):
     """The names compose mode's Grafana dashboard may use (tests/unit/test_compose.py) are all live."""
     from flywheel.operations.metrics import EXPORTED
