@@ -179,8 +179,9 @@ def start_replicas(settings: Settings, pipeline: str, colour: str, bento_tag: st
     sections: supervisor.Sections = {}
     names = []
     for i, port in enumerate(ports):
-        command = [
-            str(settings.venv_ml / "bin" / "bentoml"),
+        command = [  # BentoML's serve, its port refusing connections until the model is loaded (serving/replica.py)
+            str(settings.venv_ml / "bin" / "python"),
+            str(settings.repo / "flywheel" / "serving" / "replica.py"),
             "serve",
             bento_tag,
             "--host",

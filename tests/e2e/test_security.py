@@ -126,7 +126,8 @@ def test_a_bento_server_gets_no_secret(stack_settings):
     bentos = 0
     for proc in reaper.snapshot().values():
         try:
-            if b"bentoml" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            command = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            if b"bentoml" not in command and b"serving/replica.py" not in command:  # a worker, or its launcher
                 continue
             environ = Path(f"/proc/{proc.pid}/environ").read_bytes().decode(errors="replace").split("\0")
         except OSError:

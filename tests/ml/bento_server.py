@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+REPLICA = Path(__file__).resolve().parents[2] / "flywheel" / "serving" / "replica.py"
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -37,7 +39,8 @@ def serve(bento_tag: str, env: dict, log_path: Path, ready_timeout: float, clien
     """Yield (httpx client, base url) for a served bento; the test fails with the log tail if it never gets ready."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
+    # As the platform starts a replica (platform/deployments.py): BentoML's serve, its port refusing until ready.
+    command = [sys.executable, str(REPLICA), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         # Its own session, so teardown can stop the server and its worker processes together.
         proc = subprocess.Popen(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
@@ -244,3 +245,42 @@ def test_still_serving_after_bad_inputs(server):
     response = _predict(server["client"], {"inputs": [KNOWN[2][0]]})
     assert response.status_code == 200
     assert response.json()["predictions"] == ["virginica"]
+
+
+def test_the_port_refuses_connections_until_the_service_is_ready(registry, built, tmp_path):
+    """A replica's port (flywheel/serving/replica.py) never takes a request it cannot answer yet: a
+    connection is refused while the model loads, and the first one it accepts is answered. Under plain
+    `bentoml serve` the arbiter listened first, and the first accepted requests waited for the worker."""
+    import socket
+    import subprocess
+    import sys
+
+    from bento_server import REPLICA, free_port, stop
+
+    port = free_port()
+    command = [sys.executable, str(REPLICA), "serve", built["bento_tag"], "--host", "127.0.0.1", "--port", str(port)]
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        command, env={**os.environ, **registry["env"]}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    refused, deadline = 0, time.monotonic() + READY_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            except ConnectionRefusedError:
+                refused += 1
+                time.sleep(0.05)
+                continue
+            with conn:  # the first connection it accepted: answered, not held while the model loads
+                conn.settimeout(2)
+                conn.sendall(b"GET /readyz HTTP/1.1\r\nHost: replica\r\nConnection: close\r\n\r\n")
+                first_line = conn.recv(64).split(b"\r\n")[0]
+            break
+        else:
+            pytest.fail(f"never accepted a connection:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+    finally:
+        stop(proc)
+        log.close()
+    assert refused > 0  # it was starting, and said so by refusing
+    assert first_line == b"HTTP/1.1 200 OK", first_line
