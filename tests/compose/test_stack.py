@@ -102,6 +102,14 @@ def bento_programs(compose: Compose) -> dict[str, str]:
     return {row[0]: row[1] for row in rows}
 
 
+def replica_ready(compose: Compose, name: str) -> bool:
+    """Whether the Bento program `name` (bento-<p>-<colour>-<i>) answers /readyz in `serving`: its
+    port refuses connections until its model is loaded (flywheel/serving/replica.py)."""
+    port = deployment(compose)["ports"][int(name.rsplit("-", 1)[1])]
+    probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/readyz', timeout=2)"
+    return compose("exec", "-T", "serving", "python", "-c", probe, check=False).returncode == 0
+
+
 def task_hostname(airflow: AirflowAPI, dag_id: str, run_id: str, task_id: str) -> str:
     tis = {ti["task_id"]: ti for ti in airflow.task_instances(dag_id, run_id)}
     assert tis[task_id]["state"] == "success", tis[task_id]
@@ -446,7 +454,12 @@ def test_kill_9_of_a_replica_under_load_in_serving_costs_no_request(compose, set
             deadline = killed + 60
             while time.monotonic() < deadline:
                 now = compose.exec("serving", "supervisorctl", "-c", SUPERVISORD_CONF, "pid", name, check=False).strip()
-                if now.isdigit() and now not in ("0", pid) and bento_programs(compose).get(name) == "RUNNING":
+                if (
+                    now.isdigit()
+                    and now not in ("0", pid)
+                    and bento_programs(compose).get(name) == "RUNNING"
+                    and replica_ready(compose, name)  # as in embedded mode's test: back and ready, then the next kill
+                ):
                     break
                 time.sleep(0.5)
             else:
