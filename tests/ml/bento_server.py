@@ -34,18 +34,22 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
+def launch(bento_tag: str, env: dict, log_path: Path, port: int) -> subprocess.Popen:
+    """A replica as the platform starts one (platform/deployments.py): BentoML's serve, its port
+    refusing until ready; in its own session, so `stop` ends the server and its workers together."""
+    command = [sys.executable, str(REPLICA), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
 @contextlib.contextmanager
 def serve(bento_tag: str, env: dict, log_path: Path, ready_timeout: float, client_timeout: float = 10):
     """Yield (httpx client, base url) for a served bento; the test fails with the log tail if it never gets ready."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # As the platform starts a replica (platform/deployments.py): BentoML's serve, its port refusing until ready.
-    command = [sys.executable, str(REPLICA), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("wb") as log:
-        # Its own session, so teardown can stop the server and its worker processes together.
-        proc = subprocess.Popen(
-            command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    proc = launch(bento_tag, env, log_path, port)
     try:
         started = time.perf_counter()
         with httpx.Client(base_url=url, timeout=client_timeout) as client:

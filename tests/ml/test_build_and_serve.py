@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import httpx
@@ -252,17 +251,11 @@ def test_the_port_refuses_connections_until_the_service_is_ready(registry, built
     connection is refused while the model loads, and the first one it accepts is answered. Under plain
     `bentoml serve` the arbiter listened first, and the first accepted requests waited for the worker."""
     import socket
-    import subprocess
-    import sys
 
-    from bento_server import REPLICA, free_port, stop
+    from bento_server import free_port, launch, stop
 
     port = free_port()
-    command = [sys.executable, str(REPLICA), "serve", built["bento_tag"], "--host", "127.0.0.1", "--port", str(port)]
-    log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        command, env={**os.environ, **registry["env"]}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    proc = launch(built["bento_tag"], registry["env"], tmp_path / "serve.log", port)
     refused, deadline = 0, time.monotonic() + READY_TIMEOUT_S
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -281,6 +274,5 @@ def test_the_port_refuses_connections_until_the_service_is_ready(registry, built
             pytest.fail(f"never accepted a connection:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
     finally:
         stop(proc)
-        log.close()
     assert refused > 0  # it was starting, and said so by refusing
     assert first_line == b"HTTP/1.1 200 OK", first_line
