@@ -1,21 +1,26 @@
 """Benchmark: upload -> new version answering /predict, on the running embedded stack.
 
 Run `make up` first, then `.venv/platform/bin/python bench/upload_to_serving.py [--runs 3]`.
-Prints each run's seconds, the median, the running stack's memory (PSS, shared pages counted once), and
-the waterfall's median per hop over the runs (`flywheel lineage --timings`: the services' own records).
+Interleaves uploads with steps warm (forked by the step server) and cold (the step server stopped),
+and prints each run's seconds, the waterfall's median per hop for each (`flywheel lineage --timings`:
+the services' own records), the idle stack's CPU before each upload, and the stack's memory (PSS,
+shared pages counted once).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
 from flywheel.clients.api import Client
 from flywheel.core.settings import Settings
+from flywheel.core.waiting import wait_until
 from flywheel.operations import timings
+from flywheel.platform import supervisor
 from flywheel.training import samples
 
 ROW = [5.1, 3.5, 1.4, 0.2]
@@ -40,37 +45,90 @@ def stack_memory_mib(settings: Settings) -> tuple[float, int]:
     return total_kib / 1024, count
 
 
+def stack_cpu_seconds(settings: Settings) -> float:
+    """CPU seconds (user + system) used so far by every live process started for this state folder."""
+    marker = f"FLYWHEEL_STATE_DIR={settings.state}".encode()
+    ticks = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])
+        except OSError:
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu_percent(settings: Settings, seconds: float = 20) -> float:
+    """The idle stack's CPU use, as % of one core, over `seconds` with nothing asked of it."""
+    before = stack_cpu_seconds(settings)
+    time.sleep(seconds)
+    return (stack_cpu_seconds(settings) - before) / seconds * 100
+
+
+def set_step_server(settings: Settings, warm: bool) -> None:
+    """Warm: the step server running (steps forked from it); cold: stopped (steps start cold)."""
+    rpc = supervisor.rpc(settings)
+    state = rpc.getProcessInfo("step-server")["statename"]
+    if warm and state != "RUNNING":
+        rpc.startProcess("step-server", True)
+        wait_until(settings.step_socket.exists, 60, "the step server listening")
+        time.sleep(8)  # its preload
+    elif not warm and state == "RUNNING":
+        rpc.stopProcess("step-server", True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="uploads per variant")
+    parser.add_argument(
+        "--variants", default="warm,cold", help="warm (steps forked by the step server), cold (it stopped), interleaved"
+    )
     args = parser.parse_args()
     settings = Settings.load()
+    variants = [v for v in args.variants.split(",") if v]
     sample = settings.state / "samples" / "bench-iris.csv"
-    times = []
-    hops: dict[str, list[float]] = {}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    hops: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
+    idle: dict[str, list[float]] = {v: [] for v in variants}
     client = Client(settings)
     for i in range(args.runs):
-        samples.make(settings, "iris", sample, seed=1000 + i)
-        before = client.served_version("iris", ROW)
-        started = time.monotonic()
-        client.upload(sample, "iris", f"bench-{int(time.time())}-{i}.csv")
-        version = client.wait_for_version("iris", ROW, before)
-        times.append(time.monotonic() - started)
-        print(f"run {i + 1}: v{before} -> v{version} in {times[-1]:.1f}s", flush=True)
-        waterfall = timings.waterfall(settings, "iris", version)
-        print(timings.render(waterfall), flush=True)
-        for hop in waterfall["hops"]:
-            hops.setdefault(hop["name"], []).append(hop["seconds"])
-        hops.setdefault("total (services' records)", []).append(waterfall["total_seconds"])
-    print(f"\n| hop | median s (range), {args.runs} uploads |\n|---|---|")
-    for name, values in hops.items():
-        print(f"| {name} | {statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f}) |")
+        for variant in variants:
+            set_step_server(settings, variant == "warm")
+            idle[variant].append(idle_cpu_percent(settings, 10))
+            samples.make(settings, "iris", sample, seed=1000 + i)
+            before = client.served_version("iris", ROW)
+            started = time.monotonic()
+            client.upload(sample, "iris", f"bench-{int(time.time())}-{variant}-{i}.csv")
+            version = client.wait_for_version("iris", ROW, before)
+            times[variant].append(time.monotonic() - started)
+            print(f"{variant} run {i + 1}: v{before} -> v{version} in {times[variant][-1]:.1f}s", flush=True)
+            waterfall = timings.waterfall(settings, "iris", version)
+            print(timings.render(waterfall), flush=True)
+            for hop in waterfall["hops"]:
+                hops[variant].setdefault(hop["name"], []).append(hop["seconds"])
+            hops[variant].setdefault("total (services' records)", []).append(waterfall["total_seconds"])
+            hops[variant].setdefault("upload -> answer (this client)", []).append(times[variant][-1])
+            time.sleep(5)  # the old colour drained and stopped before the next upload
+    set_step_server(settings, True)
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})" if values else "-"
+
+    names = list(dict.fromkeys(name for v in variants for name in hops[v]))
+    print(f"\n| hop | {' | '.join(f'{v}: median s (range), {args.runs} uploads' for v in variants)} |")
+    print(f"|---|{'---|' * len(variants)}")
+    for name in names:
+        print(f"| {name} | {' | '.join(cell(hops[v].get(name, [])) for v in variants)} |")
+    print(f"| idle stack CPU, % of a core (10 s before each upload) | {' | '.join(cell(idle[v]) for v in variants)} |")
     memory, processes = stack_memory_mib(settings)
     print(
         json.dumps(
             {
-                "upload_to_serving_s": [round(t, 1) for t in times],
-                "median_s": round(statistics.median(times), 1),
+                "upload_to_serving_s": {v: [round(t, 1) for t in times[v]] for v in variants},
+                "median_s": {v: round(statistics.median(times[v]), 1) for v in variants},
                 "stack_pss_mib": round(memory),
                 "processes": processes,
             }

@@ -261,6 +261,11 @@ class Settings:
     def bentoml_home(self) -> Path:
         return self.state / "bentoml"
 
+    @property
+    def step_socket(self) -> Path:
+        """Where the warm step server of the ML environment listens (orchestration/stepserver.py)."""
+        return self.state / "steps.sock"
+
     # URLs every component agrees on.
     def host_of(self, port: int) -> str:
         """Where the service on `port` is reached: FLYWHEEL_<NAME>_HOST, else FLYWHEEL_HOST (the Bentos too)."""

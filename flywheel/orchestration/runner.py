@@ -2,7 +2,8 @@
 
 Every backend runs the same StepSpec and hands back the StepResult the step wrote to its result file:
 
-- `local` (embedded mode): a subprocess in the ML venv; its output streams into the task log;
+- `local` (embedded mode): a process in the ML venv, forked by its warm step server (stepserver.py)
+  or, where none answers, a subprocess started cold; its output streams into the task log;
 - `docker`: a container of the trainer image on the stack's network (the Docker SDK); the result
   file is copied out of the container once it exits;
 - `kubernetes`: a pod of the trainer image (KubernetesPodOperator, run by the task); the result
@@ -17,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -74,7 +76,57 @@ def step_env(settings: Settings) -> dict[str, str]:
     return {**kept, **settings.client_env(), "PYTHONUNBUFFERED": "1", "FLYWHEEL_ENV_FILE": "none"}
 
 
+def run_warm(settings: Settings, spec: StepSpec) -> StepResult | None:
+    """The step as a child of the warm step server (stepserver.py), or None if it never started
+    there (no server answers, or it went away before forking): then it runs cold."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(settings.step_socket))
+    except OSError:
+        conn.close()
+        return None
+    tail: deque[str] = deque(maxlen=20)
+    # The result file where the server's children can write it (compose: the state volume both mount).
+    results = settings.state / "steps"
+    results.mkdir(parents=True, exist_ok=True)
+    with conn, tempfile.TemporaryDirectory(prefix="flywheel-step-", dir=results) as tmp:
+        result_path = str(Path(tmp) / "result.json")
+        request = {
+            "argv": spec.command(result_path)[1:],
+            "env": step_env(settings),
+            "cwd": os.getcwd(),
+            "nice": BACKGROUND_NICE if spec.background else 0,
+        }
+        read_end, write_end = os.pipe()
+        try:
+            socket.send_fds(conn, [json.dumps(request).encode()], [write_end])
+        except OSError:
+            os.close(read_end)
+            return None
+        finally:
+            os.close(write_end)
+        answers = conn.makefile("rb")
+        started = answers.readline()
+        if not started:
+            os.close(read_end)
+            return None
+        pid = json.loads(started)["pid"]
+        print(f"[runner] {spec.module} runs warm: process {pid}, forked by the step server", flush=True)
+        with os.fdopen(read_end, errors="replace") as output:
+            for line in output:
+                sys.stdout.write(line)
+                tail.append(line.rstrip("\n"))
+        ended = answers.readline()
+        result = steps.read(result_path)
+    how = f"exited {json.loads(ended)['exit']}" if ended else "was killed"
+    return result or _missing(spec, how, list(tail))
+
+
 def run_local(settings: Settings, spec: StepSpec) -> StepResult:
+    """Warm when the step server answers; else a subprocess of its own."""
+    warm = run_warm(settings, spec)
+    if warm is not None:
+        return warm
     env = step_env(settings)
     tail: deque[str] = deque(maxlen=20)
     with tempfile.TemporaryDirectory(prefix="flywheel-step-") as tmp:

@@ -42,10 +42,10 @@ def healthy(url: str) -> bool:
         return False
 
 
-def wait_healthy(url: str, timeout: float, name: str = "") -> None:
+def wait_healthy(url: str, timeout: float, name: str = "", interval: float = 0.5) -> None:
     """Until `url` answers 2xx; StackError naming the service after `timeout`."""
     try:
-        wait_until(lambda: healthy(url), timeout, f"{name or url} healthy (see {url})")
+        wait_until(lambda: healthy(url), timeout, f"{name or url} healthy (see {url})", interval=interval)
     except WaitTimeout as exc:
         raise StackError(str(exc)) from exc
 

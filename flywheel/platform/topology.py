@@ -83,6 +83,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
 
 
 AIRFLOW_MAIN = "flywheel.orchestration.airflow_main"
+STEP_SERVER = "flywheel.orchestration.stepserver"
 
 
 def services(settings: Settings) -> list[Service]:
@@ -166,6 +167,14 @@ def services(settings: Settings) -> list[Service]:
         Service("airflow-dag-processor", [*airflow, "dag-processor"], None, airflow_service_env, priority=40),
         Service(
             "airflow-triggerer", [*airflow, "triggerer", "--skip-serve-logs"], None, airflow_service_env, priority=40
+        ),
+        # The ML environment, warm: each step of a task is a process it forks, with the task's
+        # environment; it holds no secret of its own (orchestration/stepserver.py).
+        Service(
+            "step-server",
+            [str(ml_bin / "python"), "-m", STEP_SERVER, "--socket", str(s.step_socket)],
+            None,
+            priority=45,
         ),
         Service(
             "events-bridge",

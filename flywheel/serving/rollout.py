@@ -133,7 +133,10 @@ def _start_and_prove(
     smoke = load_smoke_set(settings, pipeline.name, version)
     for i, port in enumerate(ports):
         url = settings.url(port)
-        stack.wait_healthy(f"{url}/readyz", ready_timeout, deployments.replica_name(pipeline.name, colour, i))
+        # Cheap to ask often: a starting replica's port refuses connections until it is ready (replica.py).
+        stack.wait_healthy(
+            f"{url}/readyz", ready_timeout, deployments.replica_name(pipeline.name, colour, i), interval=0.1
+        )
         timings[f"ready_{i}"] = time.time()
         got = smoke_test(url, version, smoke)
         timings[f"smoked_{i}"] = time.time()

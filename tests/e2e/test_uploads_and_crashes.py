@@ -143,8 +143,10 @@ def test_an_upload_whose_run_failed_for_good_is_retrained_by_the_reconciler(stac
     assert ledger(stack_settings)[upload["version_id"]]["role"] == "trained"
 
 
-def test_kill_9_of_the_scheduler_mid_training_retries_the_run_and_leaves_no_orphans(stack_settings):
-    upload = put(stack_settings, "iris/scheduler-kill.csv", iris_upload(300))
+# The scheduler runs the task; the step server forked the training process itself.
+@pytest.mark.parametrize("program", ["airflow-scheduler", "step-server"])
+def test_kill_9_mid_training_retries_the_run_and_leaves_no_orphans(stack_settings, program):
+    upload = put(stack_settings, f"iris/{program}-kill.csv", iris_upload(300))
     with airflow(stack_settings) as api:
 
         def training():
@@ -155,9 +157,9 @@ def test_kill_9_of_the_scheduler_mid_training_retries_the_run_and_leaves_no_orph
             return None
 
         run = wait_until(training, DEADLINE, "train_iris's train task running", interval=0.5)
-        killed = kill_9(stack_settings, "airflow-scheduler")
+        killed = kill_9(stack_settings, program)
         left = orphans(stack_settings)
-        print(f"\nscheduler back in {killed['seconds']:.1f}s; survivors {killed['survivors']}; orphans {left}")
+        print(f"\n{program} back in {killed['seconds']:.1f}s; survivors {killed['survivors']}; orphans {left}")
         assert killed["survivors"] == [] and left == []
         assert killed["seconds"] < 15
         killed_at = time.monotonic()
@@ -210,6 +212,7 @@ def test_kill_9_of_a_bento_replica_under_load_costs_no_request_and_leaves_no_orp
         "airflow-scheduler",
         "airflow-dag-processor",
         "airflow-triggerer",
+        "step-server",
         "events-bridge",
         "nginx",
         "nginx-exporter",

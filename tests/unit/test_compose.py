@@ -52,6 +52,7 @@ COMPOSE_HOME = {
     "airflow-scheduler": "airflow-scheduler",
     "airflow-dag-processor": "airflow-dag-processor",
     "airflow-triggerer": "airflow-triggerer",
+    "step-server": "step-server",
     "events-bridge": "events-bridge",
     "inference": "inference",
     "nginx": "serving",

@@ -1,15 +1,19 @@
 """The runner: where a step runs changes nothing about the DAGs or about how its result comes back."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from flywheel.core.settings import REPO_ROOT, Settings
 from flywheel.core.steps import FAILED, OK, REJECTED, StepSpec
+from flywheel.core.waiting import wait_until
 from flywheel.orchestration import runner
+from flywheel.platform import topology
 
 STEP = """
 import sys, time
@@ -29,6 +33,11 @@ def fake(outcome: str, rows: int = 0) -> dict:
     if outcome == "die":
         import os, signal
         os.kill(os.getpid(), signal.SIGKILL)
+    if outcome == "linger":  # a step that started a process of its own, and waits
+        import os, subprocess
+        child = subprocess.Popen(["sleep", "300"])
+        print(f"pids {os.getpid()} {child.pid}", flush=True)
+        time.sleep(300)
     return {"rows": rows}
 
 if __name__ == "__main__":
@@ -36,15 +45,42 @@ if __name__ == "__main__":
 """
 
 
-@pytest.fixture
-def settings(tmp_path, monkeypatch):
-    """A stack whose ML venv's python is this one, with a fake step module on its path."""
+def start_step_server(settings: Settings) -> subprocess.Popen:
+    """The warm step server as supervisord starts it, with a secret of its own no step may see."""
+    server = subprocess.Popen(
+        [*topology_command(settings), "--preload", "json"],
+        env={**os.environ, "SERVER_ONLY_SECRET": "not-for-steps"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert "listening" in server.stdout.readline()
+    return server
+
+
+def topology_command(settings: Settings) -> list[str]:
+    return next(svc.command for svc in topology.services(settings) if svc.name == "step-server")
+
+
+@pytest.fixture(params=["cold", "warm"])
+def settings(request, tmp_path, monkeypatch):
+    """A stack whose ML venv's python is this one, with a fake step module on its path; its steps run
+    cold (no step server) or warm (its step server running)."""
     bin_dir = tmp_path / "repo" / ".venv" / "ml" / "bin"
     bin_dir.mkdir(parents=True)
     (bin_dir / "python").symlink_to(sys.executable)
     (tmp_path / "fake_step.py").write_text(textwrap.dedent(STEP))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO_ROOT)]))
-    return Settings.load({"FLYWHEEL_REPO": str(tmp_path / "repo"), "MINIO_ROOT_USER": "u", "MINIO_ROOT_PASSWORD": "p"})
+    settings = Settings.load(
+        {"FLYWHEEL_REPO": str(tmp_path / "repo"), "MINIO_ROOT_USER": "u", "MINIO_ROOT_PASSWORD": "p"}
+    )
+    if request.param == "cold":
+        yield settings
+        return
+    server = start_step_server(settings)
+    yield settings
+    server.kill()
+    server.wait()
 
 
 def test_a_step_command_names_its_arguments_and_result_file():
@@ -79,7 +115,8 @@ def test_an_error_is_a_failure_a_retry_may_fix(settings):
 def test_a_step_killed_before_writing_its_result_has_failed(settings):
     result = runner.run(settings, StepSpec("fake_step", {"outcome": "die"}), "local")
     assert result.status == FAILED
-    assert "exited -9 without writing its result" in result.reason and "working on it" in result.reason
+    assert "without writing its result" in result.reason and "working on it" in result.reason
+    assert ("exited -9" in result.reason) != ("was killed" in result.reason)  # cold: its exit status; warm: no answer
 
 
 def test_a_step_gets_the_ml_identity_and_nothing_of_airflows_secrets(settings, monkeypatch):
@@ -89,6 +126,65 @@ def test_a_step_gets_the_ml_identity_and_nothing_of_airflows_secrets(settings, m
     assert not [k for k in result.payload["env"] if k.startswith("AIRFLOW")]
     assert "MLFLOW_TRACKING_URI" in result.payload["env"] and "AWS_SECRET_ACCESS_KEY" in result.payload["env"]
     assert set(result.payload["secrets"]) <= {"FLYWHEEL_ML_SECRET_KEY", "MLFLOW_TRACKING_PASSWORD"}, "no .env read"
+    assert "SERVER_ONLY_SECRET" not in result.payload["env"]  # warm: nothing of the step server's environment
+
+
+def test_warm_steps_are_processes_of_their_own_forked_by_the_step_server(settings, capsys):
+    result = runner.run(settings, StepSpec("fake_step", {"outcome": "ok", "rows": 1}), "local")
+    out = capsys.readouterr().out
+    assert result.ok and ("runs warm" in out) == settings.step_socket.exists(), out
+    if "runs warm" in out:  # its pid is none of this test's, nor the server's
+        pid = int(out.split("runs warm: process ")[1].split(",")[0])
+        assert pid != os.getpid() and not os.path.exists(f"/proc/{pid}")  # and it is gone
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_task_takes_its_step_and_what_the_step_started_with_it(settings):
+    """kill -9 of the task (the runner's process): its step, cold or warm, and the step's own child go."""
+    code = (
+        "import sys; from flywheel.core.settings import Settings; from flywheel.core.steps import StepSpec;"
+        "from flywheel.orchestration import runner;"
+        f"runner.run(Settings.load({{'FLYWHEEL_REPO': {str(settings.repo)!r}}}),"
+        " StepSpec('fake_step', {'outcome': 'linger'}), 'local')"
+    )
+    task = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = next(line for line in task.stdout if line.startswith("pids "))
+        pids = [int(p) for p in line.split()[1:]]
+        assert all(alive(p) for p in pids)
+    finally:
+        task.kill()
+        task.wait()
+    if not settings.step_socket.exists():
+        os.killpg(task.pid, signal.SIGKILL)  # cold: what Airflow does to a task's process group
+    wait_until(lambda: not any(alive(p) for p in pids), 10, f"steps {pids} gone with their task")
+
+
+def test_a_step_server_gone_means_steps_run_cold(settings, capsys):
+    if settings.step_socket.exists():
+        server_pid = next(
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and str(settings.step_socket).encode() in _cmdline(p)
+        )
+        os.kill(server_pid, signal.SIGKILL)
+        wait_until(lambda: not alive(server_pid), 10, "the step server gone")
+    result = runner.run(settings, StepSpec("fake_step", {"outcome": "ok", "rows": 2}), "local")
+    assert (result.status, result.payload) == (OK, {"rows": 2})
+    assert "runs warm" not in capsys.readouterr().out
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_containers_get_the_services_but_no_path_of_this_machine(settings):
