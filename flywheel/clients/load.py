@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 
 from flywheel.core.settings import REPO_ROOT
@@ -51,7 +52,8 @@ def run(url: str, body: dict, connections: int, seconds: float, cpu: int | None 
 
 
 def start(url: str, body: dict, connections: int, seconds: float, api_key: str = "") -> subprocess.Popen:
-    """Load in the background; `finish` waits for it and parses its numbers."""
+    """Load in the background, for at most `seconds`; `finish` waits for it (`stop` ends it first) and
+    parses its numbers."""
     command, env = wrk_command(url, body, connections, seconds, api_key=api_key)
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -59,3 +61,10 @@ def start(url: str, body: dict, connections: int, seconds: float, api_key: str =
 def finish(proc: subprocess.Popen) -> dict:
     output, _ = proc.communicate()
     return parse(output)
+
+
+def stop(proc: subprocess.Popen) -> dict:
+    """End the load now (wrk stops at SIGINT and still prints its numbers), and parse them."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    return finish(proc)

@@ -255,6 +255,8 @@ def test_the_deploy_ran_in_the_scheduler_under_the_local_executor(compose, airfl
     assert run["state"] == "success", run
     scheduler = compose.container("airflow-scheduler")["Config"]["Hostname"]
     assert task_hostname(airflow, f"deploy_{PIPELINE}", run["dag_run_id"], "rollout") == scheduler
+    # Its step, forked by the step-server container through the socket on the state volume.
+    assert "[runner] flywheel.serving.build runs warm" in task_log(compose, run, "build")
 
 
 # --- security by default, in containers -------------------------------------------------------------

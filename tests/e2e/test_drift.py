@@ -265,8 +265,8 @@ def test_a_scheduled_retrain_fires(stack_settings):
 
 
 def test_inverted_digits_are_detected(stack_settings):
-    """Images: the monitor compares the answered images' summaries with the training images'. Digits
-    as trained raise no alarm; the same digits inverted (16 - pixel) are detected."""
+    """Images: the monitor compares the answered images' summaries with the training images'. A window
+    of digits as trained raises no alarm; the same digits inverted (16 - pixel) are detected."""
     settings = stack_settings
     watch = "monitor: {every_minutes: 1, window_minutes: 1, min_rows: 100}\n"
     images, _ = digits_rows(400)
@@ -309,10 +309,10 @@ def test_inverted_digits_are_detected(stack_settings):
                 if detected:
                     v = wait_until(verdict_after(started - 60, True), 200, f"drift detected on {name}", interval=5)
                     assert "pixel_mean" in v["drifted"], v["reason"]
-                else:  # two decided windows of digits as trained: no alarm in either
-                    first = wait_until(verdict_after(started), 200, f"a window of {name}", interval=5)
-                    second = wait_until(verdict_after(first["since"] + 1), 120, f"another window of {name}", interval=5)
-                    assert not first["detected"] and not second["detected"], (first["reason"], second["reason"])
+                else:  # a decided window of digits as trained: no alarm (iris's test counts false alarms
+                    # over several windows; here, one window of images at full rate)
+                    calm = wait_until(verdict_after(started), 200, f"a window of {name}", interval=5)
+                    assert not calm["detected"], calm["reason"]
             finally:
                 stop.set()
                 for w in workers:

@@ -176,7 +176,7 @@ def test_a_failed_rollout_keeps_the_old_version_serving_and_mlflow_says_so(stack
         for impostor in impostors:
             impostor.shutdown()
             impostor.server_close()
-        stats = loadgen.finish(load)
+        stats = loadgen.stop(load)  # the load covered the whole deploy run
     assert run["state"] == "failed"
     assert stats["failed"] == 0, stats
     assert served(stack_settings).json()["model"]["version"] == live.version
@@ -207,7 +207,7 @@ def test_rollback_under_load_serves_previous_with_zero_failed_requests(stack_set
         if runs and runs[0]["state"] in ("success", "failed"):
             break
         time.sleep(2)
-    stats = loadgen.finish(load)
+    stats = loadgen.stop(load)  # the load covered the whole rollback's deploy run
     assert runs and runs[0]["state"] == "success"
     assert served(stack_settings).json()["model"]["version"] == extra["version"]
     assert stats["requests"] > 1000

@@ -192,8 +192,9 @@ def test_kill_9_of_a_bento_replica_under_load_costs_no_request_and_leaves_no_orp
             killed = kill_9(stack_settings, live.programs[i], health=f"{stack_settings.url(live.ports[i])}/readyz")
             assert killed["survivors"] == [], killed
             recovered.append(killed["seconds"])
+        time.sleep(2)  # the last replica back, then load on both
     finally:
-        stats = loadgen.finish(load)
+        stats = loadgen.stop(load)
     print(
         f"\n{kills} replica kills, back in {min(recovered):.1f}-{max(recovered):.1f}s; "
         f"{stats['failed']} of {stats['requests']} requests failed meanwhile ({stats})"
