@@ -15,14 +15,17 @@ the result (tasks.py).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections import deque
 from pathlib import Path
 
@@ -76,6 +79,21 @@ def step_env(settings: Settings) -> dict[str, str]:
     return {**kept, **settings.client_env(), "PYTHONUNBUFFERED": "1", "FLYWHEEL_ENV_FILE": "none"}
 
 
+STALE_RESULTS = 24 * 3600  # a result folder its task never removed (killed -9) goes after a day
+
+
+def _results_folder(settings: Settings) -> Path:
+    """Where a warm step's result file goes: the state folder, which the server's children can write
+    (compose: the volume both containers mount). What killed tasks left there goes after a day."""
+    folder = settings.state / "steps"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > STALE_RESULTS:
+                shutil.rmtree(old)
+    return folder
+
+
 def run_warm(settings: Settings, spec: StepSpec) -> StepResult | None:
     """The step as a child of the warm step server (stepserver.py), or None if it never started
     there (no server answers, or it went away before forking): then it runs cold."""
@@ -86,10 +104,8 @@ def run_warm(settings: Settings, spec: StepSpec) -> StepResult | None:
         conn.close()
         return None
     tail: deque[str] = deque(maxlen=20)
-    # The result file where the server's children can write it (compose: the state volume both mount).
-    results = settings.state / "steps"
-    results.mkdir(parents=True, exist_ok=True)
-    with conn, tempfile.TemporaryDirectory(prefix="flywheel-step-", dir=results) as tmp:
+    results = _results_folder(settings)
+    with conn, conn.makefile("rb") as answers, tempfile.TemporaryDirectory(prefix="flywheel-step-", dir=results) as tmp:
         result_path = str(Path(tmp) / "result.json")
         request = {
             "argv": spec.command(result_path)[1:],
@@ -105,7 +121,6 @@ def run_warm(settings: Settings, spec: StepSpec) -> StepResult | None:
             return None
         finally:
             os.close(write_end)
-        answers = conn.makefile("rb")
         started = answers.readline()
         if not started:
             os.close(read_end)

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,17 @@ def test_warm_steps_are_processes_of_their_own_forked_by_the_step_server(setting
     if "runs warm" in out:  # its pid is none of this test's, nor the server's
         pid = int(out.split("runs warm: process ")[1].split(",")[0])
         assert pid != os.getpid() and not os.path.exists(f"/proc/{pid}")  # and it is gone
+
+
+def test_result_folders_that_killed_tasks_left_go_after_a_day(settings):
+    left = settings.state / "steps" / "flywheel-step-killed"
+    left.mkdir(parents=True)
+    os.utime(left, (time.time() - 2 * 86400, time.time() - 2 * 86400))
+    fresh = settings.state / "steps" / "flywheel-step-running"
+    fresh.mkdir()
+    assert runner.run(settings, StepSpec("fake_step", {"outcome": "ok"}), "local").ok
+    warm = settings.step_socket.exists()
+    assert (left.exists(), fresh.exists()) == (not warm, True)  # only warm steps put results there
 
 
 def alive(pid: int) -> bool:
