@@ -20,6 +20,7 @@ from flywheel.clients.api import Client
 from flywheel.core.settings import Settings
 from flywheel.core.waiting import wait_until
 from flywheel.operations import timings
+from flywheel.orchestration import stepserver
 from flywheel.platform import supervisor
 from flywheel.training import samples
 
@@ -68,14 +69,21 @@ def idle_cpu_percent(settings: Settings, seconds: float = 20) -> float:
     return (stack_cpu_seconds(settings) - before) / seconds * 100
 
 
+def listening(settings: Settings) -> bool:
+    try:
+        stepserver.check(settings.step_socket)
+    except OSError:
+        return False
+    return True
+
+
 def set_step_server(settings: Settings, warm: bool) -> None:
     """Warm: the step server running (steps forked from it); cold: stopped (steps start cold)."""
     rpc = supervisor.rpc(settings)
     state = rpc.getProcessInfo("step-server")["statename"]
     if warm and state != "RUNNING":
         rpc.startProcess("step-server", True)
-        wait_until(settings.step_socket.exists, 60, "the step server listening")
-        time.sleep(8)  # its preload
+        wait_until(lambda: listening(settings), 60, "the step server listening (after its preload)")
     elif not warm and state == "RUNNING":
         rpc.stopProcess("step-server", True)
 
