@@ -27,16 +27,24 @@ from flywheel.training import samples
 ROW = [5.1, 3.5, 1.4, 0.2]
 
 
-def stack_memory_mib(settings: Settings) -> tuple[float, int]:
-    """Total PSS of every process started for this state folder, and how many there are."""
+def stack_processes(settings: Settings):
+    """/proc's folder of every live process started for this state folder (found by its environment)."""
     marker = f"FLYWHEEL_STATE_DIR={settings.state}".encode()
-    total_kib, count = 0, 0
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if marker not in (proc / "environ").read_bytes().split(b"\0"):
-                continue
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                yield proc
+        except OSError:
+            continue
+
+
+def stack_memory_mib(settings: Settings) -> tuple[float, int]:
+    """Total PSS of every process started for this state folder, and how many there are."""
+    total_kib, count = 0, 0
+    for proc in stack_processes(settings):
+        try:
             for line in (proc / "smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     total_kib += int(line.split()[1])
@@ -48,15 +56,11 @@ def stack_memory_mib(settings: Settings) -> tuple[float, int]:
 
 def stack_cpu_seconds(settings: Settings) -> float:
     """CPU seconds (user + system) used so far by every live process started for this state folder."""
-    marker = f"FLYWHEEL_STATE_DIR={settings.state}".encode()
     ticks = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for proc in stack_processes(settings):
         try:
-            if marker in (proc / "environ").read_bytes().split(b"\0"):
-                fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
-                ticks += int(fields[11]) + int(fields[12])
+            fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
         except OSError:
             continue
     return ticks / os.sysconf("SC_CLK_TCK")

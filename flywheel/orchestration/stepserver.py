@@ -109,6 +109,7 @@ def _child(conn: socket.socket) -> None:
 
 def serve(path: Path, preload: Iterable[str] = PRELOAD) -> None:
     started = time.monotonic()
+    preload = tuple(preload)
     for module in preload:
         importlib.import_module(module)
     if threading.active_count() > 1:
@@ -125,8 +126,7 @@ def serve(path: Path, preload: Iterable[str] = PRELOAD) -> None:
     listener.listen(64)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     print(
-        f"step server: {len(tuple(preload))} modules preloaded in {time.monotonic() - started:.1f}s; "
-        f"listening on {path}",
+        f"step server: {len(preload)} modules preloaded in {time.monotonic() - started:.1f}s; listening on {path}",
         flush=True,
     )
     while True:

@@ -14,7 +14,7 @@ from flywheel.core.settings import REPO_ROOT, Settings
 from flywheel.core.steps import FAILED, OK, REJECTED, StepSpec
 from flywheel.core.waiting import wait_until
 from flywheel.orchestration import runner
-from flywheel.platform import topology
+from flywheel.platform import reaper, topology
 
 STEP = """
 import sys, time
@@ -151,10 +151,7 @@ def test_result_folders_that_killed_tasks_left_go_after_a_day(settings):
 
 
 def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
+    return (proc := reaper._read(pid)) is not None and not proc.zombie
 
 
 def test_a_killed_task_takes_its_step_and_what_the_step_started_with_it(settings):
