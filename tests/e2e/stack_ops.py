@@ -68,6 +68,26 @@ def wait_until(condition, timeout: float, what: str, interval: float = 2.0):
     return waiting.wait_until(condition, timeout, what, interval)
 
 
+def nginx_reloaded(settings: Settings) -> bool:
+    """Whether Nginx's last reload is over, as /proc shows it: its master has one worker that takes
+    connections. A reload starts the new worker and tells the old one to stop 100 ms later (Nginx's
+    master sleeps between), so just after a first answer from the new routes a request may still reach
+    the old ones; the old worker renames itself "worker process is shutting down" as it stops accepting."""
+    titles = []
+    for pid in descendants(program_pid(settings, "nginx")):
+        with contextlib.suppress(OSError):
+            titles.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+    return sum(b"worker process" in t and b"shutting down" not in t for t in titles) == 1
+
+
+def wait_first_served(settings: Settings, pipeline: str, row=None) -> dict:
+    """The pipeline's first answer through Nginx, once every request gets it: until then the route
+    answers 503 "no model ... serving yet"."""
+    body = wait_until(lambda: served(settings, pipeline, row), DEADLINE, f"{pipeline} v1 served")
+    wait_until(lambda: nginx_reloaded(settings), 10, "Nginx's old worker gone", interval=0.05)
+    return body
+
+
 def wait_for_version(settings: Settings, not_version: str | None, pipeline: str = "iris") -> dict:
     def changed():
         body = served(settings, pipeline)

@@ -37,6 +37,7 @@ from tests.e2e.stack_ops import (
     predict,
     put,
     served,
+    wait_first_served,
     wait_until,
 )
 from tests.e2e.test_live_rollouts import LiveTraffic
@@ -88,7 +89,7 @@ def decided_windows(settings, after: float, count: int, timeout: float) -> list[
 def looped(stack_settings):
     with extra_pipeline(stack_settings, PIPELINE, edit=lambda text: text + LOOP) as name:
         put(stack_settings, f"{name}/v1.csv", csv_bytes(TRAINING))
-        first = wait_until(lambda: served(stack_settings, name), DEADLINE, f"{name} v1 served")
+        first = wait_first_served(stack_settings, name)
         yield first["model"]["version"]
 
 
@@ -236,7 +237,7 @@ def test_a_scheduled_retrain_fires(stack_settings):
     cron = "monitor: false\nretrain: {schedule: '* * * * *'}\n"
     with extra_pipeline(settings, "iris_cron", edit=lambda text: text + cron) as name:
         put(settings, f"{name}/v1.csv", csv_bytes(TRAINING))
-        wait_until(lambda: served(settings, name), DEADLINE, f"{name} v1 served")
+        wait_first_served(settings, name)
         # A run the clock started before the upload landed had nothing to train: the first one that
         # started once v1 serves is the one to judge.
         since = datetime.datetime.now(datetime.UTC)
@@ -273,11 +274,7 @@ def test_inverted_digits_are_detected(stack_settings):
     with extra_pipeline(settings, "digits_drift", base="digits", edit=lambda text: text + watch) as name:
         sample = samples.make(settings, "digits", settings.state / "samples" / "digits_drift.npz")
         put(settings, f"{name}/digits.npz", sample.read_bytes())
-        wait_until(
-            lambda: predict(settings, {"inputs": [images[0]]}, path=f"/{name}/predict").status_code == 200,
-            DEADLINE,
-            f"{name} served",
-        )
+        wait_first_served(settings, name, images[0])
 
         def traffic(picture, stop: threading.Event, failures: list):
             i = 0

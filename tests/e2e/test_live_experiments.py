@@ -21,7 +21,17 @@ from flywheel.clients.mlflow_rest import MlflowAPI
 from flywheel.core import schema
 from flywheel.platform import deployments, supervisor
 from flywheel.serving import live
-from tests.e2e.stack_ops import DEADLINE, HOLDOUT, TRAINING, airflow, csv_bytes, extra_pipeline, put, served, wait_until
+from tests.e2e.stack_ops import (
+    DEADLINE,
+    HOLDOUT,
+    TRAINING,
+    airflow,
+    csv_bytes,
+    extra_pipeline,
+    put,
+    wait_first_served,
+    wait_until,
+)
 from tests.e2e.test_live_rollouts import SWAPPED, LiveTraffic, alias, deploy_runs, finished, version_tags
 
 pytestmark = pytest.mark.e2e
@@ -45,7 +55,7 @@ rollout:
 def ab(stack_settings):
     with extra_pipeline(stack_settings, PIPELINE, edit=lambda text: text + AB) as name:
         put(stack_settings, f"{name}/v1.csv", csv_bytes(TRAINING))
-        first = wait_until(lambda: served(stack_settings, name), DEADLINE, f"{name} v1 served")
+        first = wait_first_served(stack_settings, name)
         yield first["model"]["version"]
 
 

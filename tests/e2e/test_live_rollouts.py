@@ -1,21 +1,25 @@
 """End to end: a challenger that won offline is judged on live traffic, with feedback, before it takes over.
 
-One pipeline (iris_canary, a canary with short bakes) through three versions on the real stack:
+One pipeline (iris_canary, a canary with short bakes) through four versions on the real stack:
 v1 serves; v2 is trained on a file whose versicolor and virginica labels are swapped (it wins the
 offline gate on its own holdout, and loses live), so its canary is rolled back by the live-score
-guardrail; v3 is honest, and goes through every step to 100 % while the scheduler is killed -9.
+guardrail; v3 is honest, and goes through every step to 100 % while the scheduler is killed -9;
+v4 is honest and slow (its replicas held to a few % of a core), and the p99 guardrail rolls it back.
 The oracle is what this test sent and was answered (each request's id, the version and role in its
 headers, the true species of its row), and what MLflow, Airflow, Nginx's answers and MinIO say.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,6 +29,7 @@ from flywheel.clients.api import Client
 from flywheel.clients.mlflow_rest import MlflowAPI
 from flywheel.core import schema
 from flywheel.core.settings import INFERENCE_BUCKET, Settings
+from flywheel.platform import deployments
 from flywheel.serving import live
 from tests.e2e.stack_ops import (
     DEADLINE,
@@ -32,10 +37,12 @@ from tests.e2e.stack_ops import (
     TRAINING,
     airflow,
     csv_bytes,
+    descendants,
     extra_pipeline,
     kill_9,
+    program_pid,
     put,
-    served,
+    wait_first_served,
     wait_until,
 )
 
@@ -167,7 +174,7 @@ def alias(settings: Settings, name: str, pipeline: str = PIPELINE) -> str | None
 def canary(stack_settings):
     with extra_pipeline(stack_settings, PIPELINE, edit=lambda text: text + ROLLOUT) as name:
         put(stack_settings, f"{name}/v1.csv", csv_bytes(TRAINING))
-        first = wait_until(lambda: served(stack_settings, name), DEADLINE, f"{name} v1 served")
+        first = wait_first_served(stack_settings, name)
         yield first["model"]["version"]
 
 
@@ -276,3 +283,75 @@ def test_a_good_challenger_goes_through_every_step_with_no_failed_request(stack_
     assert alias(stack_settings, schema.CANDIDATE) is None
     assert str(events[0]["extra"]["version"]) == candidate, events[:1]
     assert events[0]["extra"]["colour"] == live.deployments.current(stack_settings, PIPELINE).colour
+
+
+@contextlib.contextmanager
+def cpu_quota(pids: set[int], percent: float):
+    """The processes (every thread) held to `percent` of one core by a CPU cgroup of their own, as a model
+    too heavy for its hardware would be; back in the root cgroup afterwards. cgroup v1's cpu controller
+    where it is mounted (this machine), else v2's."""
+    v1 = Path("/sys/fs/cgroup/cpu")
+    root = v1 if (v1 / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
+    group = root / f"flywheel-e2e-{os.getpid()}"
+    group.mkdir()
+    try:
+        period = 100_000
+        if root == v1:
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(int(period * percent / 100)))
+        else:
+            (group / "cpu.max").write_text(f"{int(period * percent / 100)} {period}")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                (group / "cgroup.procs").write_text(str(pid))
+        yield
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                (root / "cgroup.procs").write_text(pid)
+        group.rmdir()
+
+
+def test_a_slow_challenger_is_rolled_back_by_the_p99_guardrail(stack_settings, canary):
+    """An honest challenger whose replicas get 3 % of a core once its canary starts: the same answers,
+    slower than production's p99 by more than the guardrail's 100 ms. The canary rolls it back, and no
+    client request fails (Nginx keeps waiting for the slow answers)."""
+    production = alias(stack_settings, schema.PRODUCTION)
+    with airflow(stack_settings) as api:
+        before = deploy_runs(api)
+        with LiveTraffic(stack_settings, PIPELINE) as traffic:
+            put(stack_settings, f"{PIPELINE}/slow.csv", csv_bytes(TRAINING[13:] + TRAINING[:13]))
+            state = wait_until(
+                lambda: (
+                    (s := live.load(stack_settings, PIPELINE))
+                    and s.status == live.RUNNING
+                    and s.version != production
+                    and deployments.candidate(stack_settings, PIPELINE)  # written just after the state
+                    and s
+                ),
+                DEADLINE,
+                "the canary running",
+                interval=0.2,
+            )
+            replicas = deployments.candidate(stack_settings, PIPELINE).deployment.programs
+            pids = set()
+            for name in replicas:
+                pid = program_pid(stack_settings, name)
+                pids |= {pid, *descendants(pid)}
+            with cpu_quota(pids, percent=3):
+                run = wait_until(lambda: finished(api, before), DEADLINE, "the canary decided")
+            time.sleep(3)  # answers after the rollback
+            after_rollback = time.time()
+            time.sleep(3)
+        assert run["state"] == "failed", run
+    candidate = state.version
+    answered = traffic.by()
+    print(f"answers by (version, role): {dict(answered)}; {live.load(stack_settings, PIPELINE).reason}")
+    assert traffic.failures == [], traffic.failures[:5]
+    assert set(answered) <= {(production, "production"), (candidate, "candidate")}, answered
+    assert 0 < answered[(candidate, "candidate")] <= 0.2 * sum(answered.values()), answered
+    assert set(traffic.by(after_rollback)) == {(production, "production")}
+    tags = version_tags(stack_settings, candidate)
+    assert tags[schema.ROLLOUT].startswith("aborted: ") and "p99 " in tags[schema.ROLLOUT], tags
+    assert tags[schema.DEPLOYMENT] == schema.DEPLOY_FAILED and "rolled back" in tags[schema.DEPLOYMENT_REASON]
+    assert (alias(stack_settings, schema.PRODUCTION), alias(stack_settings, schema.CANDIDATE)) == (production, None)
