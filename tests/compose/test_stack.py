@@ -21,7 +21,9 @@ import pytest
 from flywheel.clients import load as loadgen
 from flywheel.clients import prometheus
 from flywheel.clients.airflow_rest import AirflowAPI
+from flywheel.clients.mlflow_rest import MlflowAPI
 from flywheel.clients.objectstore import client as minio_client
+from flywheel.core import schema
 from flywheel.core.settings import GENERATED_SECRETS, REPO_ROOT, Settings, read_env_file
 from tests.compose.conftest import WEBHOOK_PORT, Compose, figure
 from tests.e2e.stack_ops import IRIS_COLUMNS, TRAINING, csv_bytes, ledger, wait_until
@@ -475,6 +477,83 @@ def test_kill_9_of_a_replica_under_load_in_serving_costs_no_request(compose, set
     assert stats["requests"] > 100, stats
     time.sleep(3)  # the reaper's event listener acts on the exit event
     assert orphans_in_serving(compose) == []
+
+
+LIVE = "iris_live"
+CANARY = """
+serving: {replicas: 1}
+rollout:
+  strategy: canary
+  steps: [10, 50, 100]
+  bake_seconds: 3
+  min_requests: 10
+  guardrails: {min_feedback: 10}
+"""
+
+
+def test_a_new_pipeline_file_goes_live_through_a_canary_with_no_failed_request(compose, settings, airflow):
+    """Features combined in containers: a pipeline file added while the stack runs, API keys, a canary
+    judged on the Bentos' metrics in Prometheus and on feedback through the inference container, its
+    waits deferred to the triggerer. Every request answered 200, by the arm Nginx named."""
+    from tests.e2e.test_live_rollouts import LiveTraffic
+
+    path = REPO_ROOT / "pipelines" / f"{LIVE}.yaml"
+    text = (REPO_ROOT / "pipelines" / f"{PIPELINE}.yaml").read_text().replace(f"name: {PIPELINE}", f"name: {LIVE}")
+    path.write_text(text + CANARY)
+    try:
+        wait_until(lambda: _parsed(airflow, f"deploy_{LIVE}"), 300, f"deploy_{LIVE} parsed", interval=3)
+        first = upload(settings, f"{LIVE}/v1.csv", iris_upload(3))
+        body = wait_until(lambda: _answer(settings, LIVE), DEADLINE, f"{LIVE} v1 served")
+        v1 = str(body["model"]["version"])
+        figure("a new pipeline's first upload -> served (s)", time.monotonic() - first["at"])
+        before = {r["dag_run_id"] for r in airflow.dag_runs(f"deploy_{LIVE}")}
+        with LiveTraffic(settings, LIVE) as traffic:
+            second = upload(settings, f"{LIVE}/v2.csv", iris_upload(7))
+            run = wait_until(
+                lambda: next(
+                    (
+                        r
+                        for r in airflow.dag_runs(f"deploy_{LIVE}")
+                        if r["dag_run_id"] not in before and r["state"] in ("success", "failed")
+                    ),
+                    None,
+                ),
+                DEADLINE,
+                f"deploy_{LIVE}'s canary decided",
+            )
+            figure("upload -> 100 % through a canary (s)", time.monotonic() - second["at"])
+            time.sleep(3)
+            after = time.time()
+            time.sleep(3)
+        assert run["state"] == "success", run
+        answered = traffic.by()
+        print(f"\nanswers by (version, role): {dict(answered)}; labelled {len(traffic.labelled)}")
+        v2 = str(int(v1) + 1)
+        assert traffic.failures == [], traffic.failures[:5]
+        assert traffic.feedback_errors == [], traffic.feedback_errors[:5]
+        assert answered[(v2, "candidate")] > 0 and answered[(v1, "production")] > 0, answered
+        assert set(traffic.by(after)) == {(v2, "production")}, answered
+        # Between its looks the judge waited on the triggerer, holding no worker slot.
+        assert "Pausing task as DEFERRED" in task_log(compose, run, "judge")
+        with MlflowAPI.connect(settings) as mlflow:
+            tags = mlflow.model_version(LIVE, v2)["tags"]
+        assert tags[schema.ROLLOUT].startswith("promoted: every step passed (10%, 50%, 100%)"), tags
+    finally:
+        path.unlink(missing_ok=True)
+        compose.exec("airflow-scheduler", "python", "-m", "flywheel.cli", "retire", LIVE, check=False)
+
+
+def _parsed(airflow: AirflowAPI, dag_id: str) -> bool:
+    try:
+        airflow.get(f"/dags/{dag_id}")
+        return True
+    except Exception:
+        return False
+
+
+def _answer(settings: Settings, pipeline: str) -> dict | None:
+    r = predict(settings, f"/{pipeline}/predict")
+    return r.json() if r.status_code == 200 else None
 
 
 def received_alerts() -> list[dict]:
