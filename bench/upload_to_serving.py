@@ -1,8 +1,10 @@
 """Benchmark: upload -> new version answering /predict, on the running embedded stack.
 
 Run `make up` first, then `.venv/platform/bin/python bench/upload_to_serving.py [--runs 3]`.
-Interleaves uploads with steps warm (forked by the step server) and cold (the step server stopped),
-and prints each run's seconds, the waterfall's median per hop for each (`flywheel lineage --timings`:
+Interleaves uploads in three set-ups: `warm` (as the stack runs: steps forked by the step server,
+MinIO's event sent at once), `queued` (warm, but MinIO's event only through its queue dir, replayed
+every 3 s: the platform before its second webhook target) and `cold` (the step server stopped).
+Prints each run's seconds, the waterfall's median per hop for each (`flywheel lineage --timings`:
 the services' own records), the idle stack's CPU before each upload, and the stack's memory (PSS,
 shared pages counted once).
 """
@@ -21,7 +23,8 @@ from flywheel.core.settings import Settings
 from flywheel.core.waiting import wait_until
 from flywheel.operations import timings
 from flywheel.orchestration import stepserver
-from flywheel.platform import supervisor
+from flywheel.platform import provision, supervisor
+from flywheel.platform.topology import WEBHOOK_ID, WEBHOOK_IDS
 from flywheel.training import samples
 
 ROW = [5.1, 3.5, 1.4, 0.2]
@@ -92,12 +95,15 @@ def set_step_server(settings: Settings, warm: bool) -> None:
         rpc.stopProcess("step-server", True)
 
 
+def set_variant(settings: Settings, variant: str) -> None:
+    set_step_server(settings, variant != "cold")
+    provision.notifications(settings, (WEBHOOK_ID,) if variant == "queued" else WEBHOOK_IDS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3, help="uploads per variant")
-    parser.add_argument(
-        "--variants", default="warm,cold", help="warm (steps forked by the step server), cold (it stopped), interleaved"
-    )
+    parser.add_argument("--variants", default="warm,queued,cold", help="set-ups to interleave (see above)")
     args = parser.parse_args()
     settings = Settings.load()
     variants = [v for v in args.variants.split(",") if v]
@@ -108,7 +114,7 @@ def main() -> None:
     client = Client(settings)
     for i in range(args.runs):
         for variant in variants:
-            set_step_server(settings, variant == "warm")
+            set_variant(settings, variant)
             idle[variant].append(idle_cpu_percent(settings, 10))
             samples.make(settings, "iris", sample, seed=1000 + i)
             before = client.served_version("iris", ROW)
@@ -124,7 +130,7 @@ def main() -> None:
             hops[variant].setdefault("total (services' records)", []).append(waterfall["total_seconds"])
             hops[variant].setdefault("upload -> answer (this client)", []).append(times[variant][-1])
             time.sleep(5)  # the old colour drained and stopped before the next upload
-    set_step_server(settings, True)
+    set_variant(settings, "warm")
 
     def cell(values: list[float]) -> str:
         return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})" if values else "-"

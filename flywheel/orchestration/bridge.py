@@ -1,7 +1,8 @@
 """The events bridge's logic: uploads in (MinIO's notifications), asset events out, and its control loops.
 
-MinIO keeps every notification in its queue dir until the bridge answers 2xx, and retries it, one at
-a time, ahead of every later upload. So nothing that may take long is left in that queue:
+MinIO tells of each upload twice: at once, and from its queue dir, where it keeps every notification
+until the bridge answers 2xx and retries it, one at a time, ahead of every later upload. The first
+delivery handled counts (deliveries.py). Nothing that may take long is left in that queue:
 - an upload of a pipeline that can train now becomes an asset event on `s3://datasets/<p>`;
 - an upload of a pipeline whose file does not load, or whose DAG Airflow has not parsed yet, is
   **held** (operations/parked.py) and handed to Airflow as soon as it can be (`release_held`);
@@ -31,6 +32,7 @@ from flywheel.core.upload import Upload
 from flywheel.operations import alerts
 from flywheel.operations.parked import DEAD_LETTERS, HELD
 from flywheel.orchestration import notifications
+from flywheel.orchestration.deliveries import Deliveries
 from flywheel.serving import live
 from flywheel.training import ledger
 
@@ -82,8 +84,10 @@ class Bridge:
     reconciling: dict[str, Reconciling] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)  # pipeline -> the error an alert was raised for
     unparsed_since: dict[str, float] = field(default_factory=dict)
+    deliveries: Deliveries = field(init=False)
 
     def __post_init__(self) -> None:
+        self.deliveries = Deliveries(self.settings.state / "bridge" / "deliveries.db")
         DEAD_LETTER_COUNT.set_function(lambda: DEAD_LETTERS.count(self.settings))
         HELD_COUNT.set_function(lambda: HELD.count(self.settings))
 
@@ -120,38 +124,43 @@ class Bridge:
         return {"key": upload.key, "reason": reason, "held": path.stem}
 
     def receive(self, body: dict) -> dict:
-        """A MinIO notification: each upload forwarded, ignored, held or dead-lettered; Retry for a 503."""
+        """A MinIO notification: each upload forwarded, ignored, held or dead-lettered, once however many
+        times MinIO tells of it (deliveries.py); Retry for a 503."""
         known, broken = pipelines.load_all(self.settings.pipelines_dir)
         known = {p.name: p for p in known}
-        done: dict[str, list] = {"forwarded": [], "ignored": [], "held": [], "dead_lettered": []}
+        done: dict[str, list] = {"forwarded": [], "ignored": [], "held": [], "dead_lettered": [], "duplicate": []}
         for upload in notifications.uploads(body):
-            pipeline = known.get(upload.pipeline)
-            if upload.pipeline in broken:
-                done["held"].append(self.hold(upload, f"pipelines/{upload.pipeline}.yaml does not load"))
-                continue
-            if pipeline is None:
-                folder = f"datasets/{upload.pipeline}/" if upload.pipeline else "the root of datasets/"
-                done["dead_lettered"].append(
-                    self.dead_letter(upload, f"no pipeline owns {folder} (pipelines/*.yaml)", body)
-                )
-                continue
-            if not pipeline.triggers(upload.key):
-                # e.g. one half of an IDX set: its run starts when the set's _SUCCESS marker lands
-                done["ignored"].append({"key": upload.key, "reason": f"does not start a {pipeline.name} run"})
-                EVENTS.labels("ignored").inc()
-                continue
-            try:
-                done["forwarded"].append(self.forward(pipeline, upload))
-                EVENTS.labels("forwarded").inc()
-            except NotParsedYet as exc:
-                done["held"].append(self.hold(upload, str(exc)))
-            except AirflowRejected as exc:
-                done["dead_lettered"].append(self.dead_letter(upload, f"Airflow refused the asset event: {exc}", body))
-            except AirflowUnavailable as exc:
-                EVENTS.labels("retry").inc()
-                log.warning("keeping %s in MinIO's queue: %s", upload.key, exc)
-                raise Retry(str(exc)) from exc
+            with self.deliveries.first(upload) as first:
+                if not first:
+                    done["duplicate"].append({"key": upload.key, "reason": "already handled"})
+                    EVENTS.labels("duplicate").inc()
+                    continue
+                outcome, item = self._act(upload, known.get(upload.pipeline), upload.pipeline in broken, body)
+                done[outcome].append(item)
         return done
+
+    def _act(self, upload: Upload, pipeline: pipelines.Pipeline | None, broken: bool, body: dict) -> tuple[str, dict]:
+        if broken:
+            return "held", self.hold(upload, f"pipelines/{upload.pipeline}.yaml does not load")
+        if pipeline is None:
+            folder = f"datasets/{upload.pipeline}/" if upload.pipeline else "the root of datasets/"
+            return "dead_lettered", self.dead_letter(upload, f"no pipeline owns {folder} (pipelines/*.yaml)", body)
+        if not pipeline.triggers(upload.key):
+            # e.g. one half of an IDX set: its run starts when the set's _SUCCESS marker lands
+            EVENTS.labels("ignored").inc()
+            return "ignored", {"key": upload.key, "reason": f"does not start a {pipeline.name} run"}
+        try:
+            forwarded = self.forward(pipeline, upload)
+        except NotParsedYet as exc:
+            return "held", self.hold(upload, str(exc))
+        except AirflowRejected as exc:
+            return "dead_lettered", self.dead_letter(upload, f"Airflow refused the asset event: {exc}", body)
+        except AirflowUnavailable as exc:
+            EVENTS.labels("retry").inc()
+            log.warning("keeping %s in MinIO's queue: %s", upload.key, exc)
+            raise Retry(str(exc)) from exc
+        EVENTS.labels("forwarded").inc()
+        return "forwarded", forwarded
 
     # --- control loops ------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from flywheel.core.settings import (
     Settings,
     write_private,
 )
-from flywheel.platform.topology import WEBHOOK_ID
+from flywheel.platform.topology import WEBHOOK_IDS
 
 UPLOAD_EVENTS = [
     "s3:ObjectCreated:Put",
@@ -117,7 +117,6 @@ def buckets(settings: Settings) -> None:
     from minio.credentials import StaticProvider
     from minio.error import MinioAdminException
     from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
-    from minio.notificationconfig import NotificationConfig, QueueConfig
     from minio.versioningconfig import VersioningConfig
 
     root = settings.secrets["MINIO_ROOT_USER"], settings.secrets["MINIO_ROOT_PASSWORD"]
@@ -154,12 +153,22 @@ def buckets(settings: Settings) -> None:
         if p.inference_log.keep_days and p.inference_log.keep_days < days
     ]
     client.set_bucket_lifecycle(INFERENCE_BUCKET, LifecycleConfig(rules))
-    arn = f"arn:minio:sqs::{WEBHOOK_ID}:webhook"
-    client.set_bucket_notification(
+    notifications(settings)
+
+
+def notifications(settings: Settings, targets: tuple[str, ...] = WEBHOOK_IDS) -> None:
+    """Uploads to the datasets bucket notify the bridge through MinIO's webhook targets (topology.py).
+    bench/upload_to_serving.py leaves out the one that sends at once, to compare."""
+    from minio.notificationconfig import NotificationConfig, QueueConfig
+
+    objectstore.client(settings, root=True).set_bucket_notification(
         settings.datasets_bucket,
         NotificationConfig(
             # New objects only: tagging an object (s3:ObjectCreated:PutTagging) is no upload.
-            queue_config_list=[QueueConfig(queue=arn, events=UPLOAD_EVENTS, config_id="flywheel")]
+            queue_config_list=[
+                QueueConfig(queue=f"arn:minio:sqs::{target}:webhook", events=UPLOAD_EVENTS, config_id=target.lower())
+                for target in targets
+            ]
         ),
     )
 

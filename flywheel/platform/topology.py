@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from flywheel.core.settings import AIRFLOW_USERS, Settings
 
 WEBHOOK_ID = "FLYWHEEL"  # MinIO's notification target id: arn:minio:sqs::FLYWHEEL:webhook (provision.py)
+WEBHOOK_FAST_ID = "FLYWHEELFAST"  # the same without a queue dir: sent at once, dropped if not taken
+WEBHOOK_IDS = (WEBHOOK_ID, WEBHOOK_FAST_ID)
 
 
 @dataclass(frozen=True)
@@ -30,17 +32,20 @@ def binary(name: str) -> str:
 
 def minio_env(settings: Settings) -> dict[str, str]:
     s = settings
-    prefix = f"MINIO_NOTIFY_WEBHOOK_{{}}_{WEBHOOK_ID}"
-    return {
+    env = {
         "MINIO_ROOT_USER": s.secrets["MINIO_ROOT_USER"],
         "MINIO_ROOT_PASSWORD": s.secrets["MINIO_ROOT_PASSWORD"],
-        prefix.format("ENABLE"): "on",
-        prefix.format("ENDPOINT"): f"{s.url(s.ports.bridge)}/minio/events",
-        prefix.format("AUTH_TOKEN"): s.secrets["FLYWHEEL_WEBHOOK_TOKEN"],
-        # Events wait here, on disk, whenever the bridge or Airflow is down: nothing is lost.
-        prefix.format("QUEUE_DIR"): str(s.state / "minio" / "events-queue"),
         "MINIO_BROWSER_REDIRECT_URL": s.url(s.ports.minio_console),
     }
+    # Two targets, both the bridge (orchestration/deliveries.py): one sends at once, the other keeps
+    # every event on disk whenever the bridge or Airflow is down (nothing is lost) and replays it.
+    for target in WEBHOOK_IDS:
+        prefix = f"MINIO_NOTIFY_WEBHOOK_{{}}_{target}"
+        env[prefix.format("ENABLE")] = "on"
+        env[prefix.format("ENDPOINT")] = f"{s.url(s.ports.bridge)}/minio/events"
+        env[prefix.format("AUTH_TOKEN")] = s.secrets["FLYWHEEL_WEBHOOK_TOKEN"]
+    env[f"MINIO_NOTIFY_WEBHOOK_QUEUE_DIR_{WEBHOOK_ID}"] = str(s.state / "minio" / "events-queue")
+    return env
 
 
 def airflow_env(settings: Settings) -> dict[str, str]:

@@ -68,12 +68,47 @@ def test_bridge_refuses_calls_without_the_token(stack_settings):
     assert httpx.post(url, json=fake, headers={"Authorization": "Bearer wrong"}).status_code == 401
 
 
+def bridge_events(settings, outcome: str) -> float:
+    """The bridge's count of MinIO's deliveries with this outcome, from its /metrics."""
+    metrics = httpx.get(f"{settings.url(settings.ports.bridge)}/metrics", timeout=10).text
+    line = f'flywheel_bridge_events_total{{outcome="{outcome}"}} '
+    return next((float(x.removeprefix(line)) for x in metrics.splitlines() if x.startswith(line)), 0.0)
+
+
 def test_an_upload_is_trained_and_served(stack_settings, uploads):
     before = current_version(stack_settings)
+    duplicates = bridge_events(stack_settings, "duplicate")
     uploads.append(put(stack_settings, "iris/first.csv", csv_bytes(TRAINING)))
     body = wait_for_version(stack_settings, before)
     assert body["model"]["name"] == PIPELINE
     assert body["dataset"]["etag"] == uploads[0]["etag"]
+    # MinIO told the bridge twice (its target that sends at once, and its queue dir's replay): the
+    # bridge acted on one and answered the other as a duplicate.
+    wait_until(lambda: bridge_events(stack_settings, "duplicate") > duplicates, 30, "MinIO's second delivery")
+
+
+def test_a_notification_told_again_is_answered_and_not_acted_on(stack_settings, api, uploads):
+    """MinIO's notification for the upload, sent again with the webhook token: the bridge says it has
+    handled it, and Airflow still has one asset event for it."""
+    upload = uploads[0]
+    record = {
+        "eventName": "s3:ObjectCreated:Put",
+        "eventTime": "2026-01-01T00:00:00.000Z",
+        "s3": {
+            "bucket": {"name": "datasets"},
+            "object": {"key": upload["key"], "eTag": upload["etag"], "versionId": upload["version_id"], "size": 1},
+        },
+    }
+    r = httpx.post(
+        f"{stack_settings.url(stack_settings.ports.bridge)}/minio/events",
+        json={"EventName": "s3:ObjectCreated:Put", "Key": f"datasets/{upload['key']}", "Records": [record]},
+        headers={"Authorization": f"Bearer {stack_settings.secrets['FLYWHEEL_WEBHOOK_TOKEN']}"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["duplicate"] == [{"key": upload["key"], "reason": "already handled"}], r.json()
+    events = api.asset_events(f"s3://datasets/{PIPELINE}")
+    assert [e["extra"]["version_id"] for e in events].count(upload["version_id"]) == 1, events
 
 
 def test_served_model_is_accurate_on_held_out_rows(stack_settings):

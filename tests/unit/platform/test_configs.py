@@ -41,6 +41,10 @@ def test_minio_is_told_where_to_send_and_queue_events(settings):
     assert env["MINIO_NOTIFY_WEBHOOK_ENDPOINT_FLYWHEEL"] == f"http://127.0.0.1:{settings.ports.bridge}/minio/events"
     assert env["MINIO_NOTIFY_WEBHOOK_AUTH_TOKEN_FLYWHEEL"] == "t"
     assert env["MINIO_NOTIFY_WEBHOOK_QUEUE_DIR_FLYWHEEL"].startswith(str(settings.state))
+    # ...and once more at once, without a queue: the bridge acts on the first it handles.
+    assert env["MINIO_NOTIFY_WEBHOOK_ENDPOINT_FLYWHEELFAST"] == env["MINIO_NOTIFY_WEBHOOK_ENDPOINT_FLYWHEEL"]
+    assert env["MINIO_NOTIFY_WEBHOOK_AUTH_TOKEN_FLYWHEELFAST"] == "t"
+    assert "MINIO_NOTIFY_WEBHOOK_QUEUE_DIR_FLYWHEELFAST" not in env
 
 
 def test_nginx_config_is_valid_for_the_real_nginx(settings):
