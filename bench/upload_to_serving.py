@@ -57,23 +57,26 @@ def stack_memory_mib(settings: Settings) -> tuple[float, int]:
     return total_kib / 1024, count
 
 
-def stack_cpu_seconds(settings: Settings) -> float:
-    """CPU seconds (user + system) used so far by every live process started for this state folder."""
-    ticks = 0
+def stack_cpu_ticks(settings: Settings) -> dict[int, int]:
+    """CPU ticks (user + system) used so far by each live process started for this state folder."""
+    ticks = {}
     for proc in stack_processes(settings):
         try:
             fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
+            ticks[int(proc.name)] = int(fields[11]) + int(fields[12])
         except OSError:
             continue
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return ticks
 
 
 def idle_cpu_percent(settings: Settings, seconds: float = 20) -> float:
-    """The idle stack's CPU use, as % of one core, over `seconds` with nothing asked of it."""
-    before = stack_cpu_seconds(settings)
+    """The idle stack's CPU use, as % of one core, over `seconds` with nothing asked of it: what each
+    process alive at both ends used meanwhile (one that exits in between takes its count with it)."""
+    before = stack_cpu_ticks(settings)
     time.sleep(seconds)
-    return (stack_cpu_seconds(settings) - before) / seconds * 100
+    after = stack_cpu_ticks(settings)
+    used = sum(after[pid] - before[pid] for pid in after.keys() & before.keys())
+    return used / os.sysconf("SC_CLK_TCK") / seconds * 100
 
 
 def listening(settings: Settings) -> bool:
@@ -120,7 +123,7 @@ def main() -> None:
             before = client.served_version("iris", ROW)
             started = time.monotonic()
             client.upload(sample, "iris", f"bench-{int(time.time())}-{variant}-{i}.csv")
-            version = client.wait_for_version("iris", ROW, before)
+            version = client.wait_for_version("iris", ROW, before, interval=0.1)
             times[variant].append(time.monotonic() - started)
             print(f"{variant} run {i + 1}: v{before} -> v{version} in {times[variant][-1]:.1f}s", flush=True)
             waterfall = timings.waterfall(settings, "iris", version)

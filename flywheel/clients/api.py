@@ -89,9 +89,10 @@ class Client:
         return str(answer["model"]["version"]) if answer else None
 
     def wait_for_version(
-        self, pipeline: str, row: list, not_version: str | None, timeout: float = 600, progress=None
+        self, pipeline: str, row: list, not_version: str | None, timeout: float = 600, progress=None, interval=1.0
     ) -> str:
-        """Until a version other than `not_version` answers; `progress` hears the DAG runs' states."""
+        """Until a version other than `not_version` answers, asked every `interval` s; `progress` hears the
+        DAG runs' states."""
         seen: dict[str, str] = {}
         airflow = AirflowAPI.connect(self.settings) if progress else None
 
@@ -117,7 +118,7 @@ class Client:
                 changed,
                 timeout,
                 f"a {pipeline} version other than {not_version} served (DAG runs: {self.settings.airflow_url})",
-                interval=1.0,
+                interval=interval,
             )
         finally:
             if airflow is not None:
