@@ -1,4 +1,4 @@
-"""Airflow's command line with one upstream fix applied first: every Airflow process starts here.
+"""Airflow's command line with upstream fixes applied first: every Airflow process starts here.
 
 Airflow 3.3.2 answers 500 on any list of asset events that holds an event whose Dag run is still
 queued: a queued run has no start date, and three response models declare it required
@@ -10,7 +10,16 @@ those minutes `GET /api/v2/assets/events` (the reconciler, `flywheel lineage`) a
 The fix is the upstream one: `start_date` may be null. It has to land before Airflow builds
 anything from these models (Cadwyn's versioned copies, FastAPI's response adapters, the Task SDK's
 message decoders), hence a wrapper around `airflow` rather than a plugin, which loads too late.
-Delete this module when the Airflow pin moves past the release that carries #71379.
+Delete this part when the Airflow pin moves past the release that carries #71379.
+
+The scheduler gets a second fix (apache/airflow#72716, open; PR #72767). A deferrable task's worker
+exits when it defers, and the executor reports SUCCESS for that try. If the trigger fires and the
+resumed attempt is already RUNNING when the scheduler reads that report (its loop was busy), the
+scheduler takes it for a task killed outside Airflow and fails the running attempt. Flywheel's
+`judge` defers for 2-10 s between looks, so a busy scheduler failed it mid-rollout: the retry found
+the rollout decided and failed the run while the first attempt was still settling it. The fix drops
+such a stale report before the scheduler reads it: a SUCCESS for the same try of a task instance
+that is QUEUED or RUNNING with `next_method` set, which only a resumed deferral has.
 
     python -m flywheel.orchestration.airflow_main scheduler --skip-serve-logs
 """
@@ -56,8 +65,62 @@ def apply() -> None:
 
 apply()  # at import: also in processes that re-import this module as __mp_main__ (uvicorn's workers)
 
+
+def stale_defer_exit(ti, try_number: int, state: str) -> bool:
+    """Whether an executor's report about this task instance is the SUCCESS its worker sent when it
+    deferred, read after the resumed attempt was queued or started."""
+    return (
+        state == "success"
+        and ti is not None
+        and ti.try_number == try_number
+        and ti.state in ("queued", "running")
+        and ti.next_method is not None
+    )
+
+
+def drop_stale_defer_exits(executor, session, log) -> list:
+    """Remove stale defer-exit reports from the executor's buffer; returns their keys."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.taskinstancekey import TaskInstanceKey
+    from sqlalchemy import select
+
+    dropped = []
+    for key, (state, _) in list(executor.event_buffer.items()):
+        if not isinstance(key, TaskInstanceKey) or state != "success":
+            continue
+        ti = session.scalar(
+            select(TaskInstance).where(
+                TaskInstance.dag_id == key.dag_id,
+                TaskInstance.task_id == key.task_id,
+                TaskInstance.run_id == key.run_id,
+                TaskInstance.map_index == key.map_index,
+            )
+        )
+        if stale_defer_exit(ti, key.try_number, state):
+            log.info("ignoring the defer-exit success of %s: its resumed attempt is %s", key, ti.state)
+            del executor.event_buffer[key]
+            dropped.append(key)
+    return dropped
+
+
+def apply_scheduler() -> None:
+    """The scheduler reads the executor's reports only after stale defer-exit ones are dropped."""
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+
+    original = SchedulerJobRunner.process_executor_events.__func__
+
+    def process_executor_events(cls, executor, job_id, scheduler_dag_bag, session):
+        drop_stale_defer_exits(executor, session, cls.logger())
+        return original(cls, executor, job_id, scheduler_dag_bag, session)
+
+    process_executor_events.__wrapped__ = original
+    SchedulerJobRunner.process_executor_events = classmethod(process_executor_events)
+
+
 if __name__ == "__main__":
     from airflow.__main__ import main
 
+    if sys.argv[1:2] == ["scheduler"]:
+        apply_scheduler()
     sys.argv[0] = "airflow"
     sys.exit(main())

@@ -96,7 +96,7 @@ def services(settings: Settings) -> list[Service]:
     p = s.ports
     platform_bin = s.venv_platform / "bin"
     ml_bin = s.venv_ml / "bin"
-    # Airflow's own CLI, behind a wrapper that applies one upstream fix first (orchestration/airflow_main.py).
+    # Airflow's own CLI, behind a wrapper that applies upstream fixes first (orchestration/airflow_main.py).
     airflow = [str(platform_bin / "python"), "-m", AIRFLOW_MAIN]
     # Airflow's own settings and secrets, and what its tasks need to reach MinIO and MLflow.
     airflow_service_env = {**airflow_env(s), **s.client_env()}

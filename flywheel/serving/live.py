@@ -70,6 +70,9 @@ class State:
     not_ready_since: float = 0.0
     blind_since: float = 0.0  # since when the figures could not be read
     history: list[dict] = field(default_factory=list)
+    # Once decided: whether what follows is done (settle), and the colour that is to stop.
+    settled: bool = True
+    stops: str = ""
 
     @property
     def summary(self) -> str:
@@ -277,6 +280,8 @@ def judge(settings: Settings, pipeline: Pipeline, log=print) -> Verdict:
     if state is None:
         return Verdict(PROMOTED, reason="no rollout: nothing to judge")
     if state.status != RUNNING:
+        if not state.settled:
+            return settle(settings, pipeline, state, log)
         return Verdict(state.status, reason=state.reason, deployment=deployment_extra(settings, pipeline.name))
     now = time.time()
     state.heartbeat = now
@@ -420,36 +425,57 @@ def promote(settings: Settings, pipeline: Pipeline, state: State, why: str, log=
     deployments.record_candidate(settings, pipeline.name, None)
     routes.sync(settings)
     state.status, state.reason, state.requested = PROMOTED, why, ""
+    state.settled = False
+    state.stops = old.colour if old is not None and old.colour != candidate.colour else ""
     save(settings, state)
-    aliases_name_what_serves(settings, pipeline, state.version)
-    mark(settings, pipeline.name, state.version, schema.SERVING, f"{candidate.group}: {why}")
-    _tag(settings, pipeline.name, state.version, f"{PROMOTED}: {why}")
-    if old is not None and old.colour != candidate.colour:
-        time.sleep(DRAIN_SECONDS)
-        deployments.stop_replicas(settings, pipeline.name, old.colour)
-        mark(settings, pipeline.name, old.version, schema.RETIRED, f"replaced by v{state.version} live: {why}")
-    log(f"v{state.version} promoted: {why}")
-    return Verdict(PROMOTED, reason=why, deployment=deployment_extra(settings, pipeline.name))
+    return settle(settings, pipeline, state, log)
 
 
 def abort(settings: Settings, pipeline: Pipeline, state: State, why: str, log=print) -> Verdict:
-    """All traffic back to production at once, the candidate stopped, and why on its tags."""
+    """All traffic back to production at once, then the candidate stopped, and why on its tags."""
     found = deployments.candidate(settings, pipeline.name)
     deployments.record_candidate(settings, pipeline.name, None)
     routes.sync(settings)
     state.status, state.reason, state.requested = ABORTED, why, ""
+    state.settled, state.stops = False, found.deployment.colour if found is not None else ""
     save(settings, state)
-    if found is not None:
-        time.sleep(DRAIN_SECONDS)  # its requests in flight finish
-        deployments.stop_replicas(settings, pipeline.name, found.deployment.colour)
-    reason = f"rolled back: {why}"
-    with MlflowAPI.connect(settings) as mlflow:
-        if mlflow.version_by_alias(pipeline.model_name, schema.CANDIDATE) == state.version:
-            mlflow.delete_alias(pipeline.model_name, schema.CANDIDATE)
-    mark(settings, pipeline.name, state.version, schema.DEPLOY_FAILED, reason)
-    _tag(settings, pipeline.name, state.version, f"{ABORTED}: {why}")
-    log(f"v{state.version} {reason}")
-    return Verdict(ABORTED, reason=reason)
+    return settle(settings, pipeline, state, log)
+
+
+def settle(settings: Settings, pipeline: Pipeline, state: State, log=print) -> Verdict:
+    """What follows a decision once traffic has moved: MLflow's aliases and tags say how the rollout
+    ended, then the colour that no longer serves drains and stops. A look that finds a decision not yet
+    settled (the one that decided was killed halfway: a task retried under it) settles it again; each
+    part may run twice."""
+    name = pipeline.name
+    if state.status == PROMOTED:
+        aliases_name_what_serves(settings, pipeline, state.version)
+        serving = deployments.current(settings, name)
+        mark(settings, name, state.version, schema.SERVING, f"{serving.group if serving else ''}: {state.reason}")
+        _tag(settings, name, state.version, f"{PROMOTED}: {state.reason}")
+        outcome = f"v{state.version} promoted: {state.reason}"
+    else:
+        with MlflowAPI.connect(settings) as mlflow:
+            if mlflow.version_by_alias(pipeline.model_name, schema.CANDIDATE) == state.version:
+                try:
+                    mlflow.delete_alias(pipeline.model_name, schema.CANDIDATE)
+                except RuntimeError:  # another look settling at the same moment deleted it first
+                    if mlflow.version_by_alias(pipeline.model_name, schema.CANDIDATE) == state.version:
+                        raise
+        mark(settings, name, state.version, schema.DEPLOY_FAILED, f"rolled back: {state.reason}")
+        _tag(settings, name, state.version, f"{ABORTED}: {state.reason}")
+        outcome = f"v{state.version} rolled back: {state.reason}"
+    if state.stops:
+        time.sleep(DRAIN_SECONDS)  # requests in flight on it finish
+        deployments.stop_replicas(settings, name, state.stops)
+        if state.status == PROMOTED and state.baseline and state.baseline != state.version:
+            mark(settings, name, state.baseline, schema.RETIRED, f"replaced by v{state.version} live: {state.reason}")
+    state.settled = True
+    save(settings, state)
+    log(outcome)
+    if state.status == PROMOTED:
+        return Verdict(PROMOTED, reason=state.reason, deployment=deployment_extra(settings, name))
+    return Verdict(ABORTED, reason=f"rolled back: {state.reason}")
 
 
 def _tag(settings: Settings, pipeline: str, version: str, value: str, key: str = schema.ROLLOUT) -> None:

@@ -204,7 +204,17 @@ def test_drift_is_detected_named_alerted_and_retrained_on_feedback(stack_setting
     # upload's own notification started the training, once).
     monitor_run = unquote(meta["x-amz-meta-flywheel-monitor-run"])
     with airflow(settings) as api:
-        states = {t["task_id"]: t["state"] for t in api.task_instances(f"monitor_{PIPELINE}", monitor_run)}
+        # Once its tasks have ended: MinIO's notification may start the training before `emit` has
+        # recorded that it skips.
+        states = wait_until(
+            lambda: (
+                (found := {t["task_id"]: t["state"] for t in api.task_instances(f"monitor_{PIPELINE}", monitor_run)})
+                and not set(found.values()) & {"queued", "scheduled", "running", None}
+                and found
+            ),
+            60,
+            f"monitor_{PIPELINE}'s run ended",
+        )
     assert states == {"check": "success", "retrain": "success", "emit": "skipped"}, states
     with MlflowAPI.connect(settings) as mlflow:
         on_it = mlflow.search_runs(PIPELINE, schema.tag_filter(schema.UPLOAD_KEY, key))

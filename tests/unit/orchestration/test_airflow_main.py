@@ -48,3 +48,55 @@ def test_the_wrapper_runs_airflow_commands():
         check=False,
     )
     assert done.returncode == 0 and done.stdout.strip().startswith("3."), done.stderr[-2000:]
+
+
+# --- the scheduler's fix: apache/airflow#72716 ------------------------------------------------------------
+
+
+def test_a_resumed_deferral_is_not_failed_by_the_report_of_its_defer_exit():
+    """The executor's buffer holds the SUCCESS a judge's worker sent when it deferred; the task
+    instance has meanwhile been resumed (same try, running, next_method set): the report is dropped,
+    and the others stay."""
+    from types import SimpleNamespace
+
+    from airflow.models.taskinstancekey import TaskInstanceKey
+
+    from flywheel.orchestration import airflow_main
+
+    def key(task: str) -> TaskInstanceKey:
+        return TaskInstanceKey("deploy_iris", task, "r", try_number=1, map_index=-1)
+
+    tis = {
+        "judge": SimpleNamespace(try_number=1, state="running", next_method="execute"),  # resumed
+        "build": SimpleNamespace(try_number=1, state="running", next_method=None),  # killed outside Airflow
+        "rollout": SimpleNamespace(try_number=2, state="running", next_method="execute"),  # a later try
+    }
+    executor = SimpleNamespace(event_buffer={key(t): ("success", None) for t in tis})
+    executor.event_buffer[key("failed")] = ("failed", None)
+
+    class Session:
+        def scalar(self, query):
+            task = next(c.right.value for c in query.whereclause.clauses if c.left.name == "task_id")
+            return tis.get(task)
+
+    log = SimpleNamespace(info=lambda *a: None)
+    assert airflow_main.drop_stale_defer_exits(executor, Session(), log) == [key("judge")]
+    assert set(executor.event_buffer) == {key("build"), key("rollout"), key("failed")}
+
+
+def test_the_scheduler_runs_with_the_fix_and_airflow_still_needs_it():
+    """The day this fails, Airflow guards resumed RUNNING deferrals itself: delete the scheduler's fix."""
+    import inspect
+
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+
+    from flywheel.orchestration import airflow_main
+
+    source = " ".join(inspect.getsource(SchedulerJobRunner.process_executor_events).split())
+    assert "ti.state == TaskInstanceState.SCHEDULED and state == TaskInstanceState.SUCCESS" in source
+    original = SchedulerJobRunner.process_executor_events
+    try:
+        airflow_main.apply_scheduler()
+        assert SchedulerJobRunner.process_executor_events.__wrapped__ is original.__func__
+    finally:
+        SchedulerJobRunner.process_executor_events = classmethod(original.__func__)
