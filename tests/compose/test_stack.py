@@ -26,7 +26,7 @@ from flywheel.clients.objectstore import client as minio_client
 from flywheel.core import schema
 from flywheel.core.settings import GENERATED_SECRETS, REPO_ROOT, Settings, read_env_file
 from tests.compose.conftest import WEBHOOK_PORT, Compose, figure
-from tests.e2e.stack_ops import IRIS_COLUMNS, TRAINING, csv_bytes, ledger, wait_until
+from tests.e2e.stack_ops import IRIS_COLUMNS, TRAINING, _parsed, csv_bytes, ledger, wait_until
 
 PIPELINE = "iris"
 ROW = [5.1, 3.5, 1.4, 0.2]
@@ -541,14 +541,6 @@ def test_a_new_pipeline_file_goes_live_through_a_canary_with_no_failed_request(c
     finally:
         path.unlink(missing_ok=True)
         compose.exec("airflow-scheduler", "python", "-m", "flywheel.cli", "retire", LIVE, check=False)
-
-
-def _parsed(airflow: AirflowAPI, dag_id: str) -> bool:
-    try:
-        airflow.get(f"/dags/{dag_id}")
-        return True
-    except Exception:
-        return False
 
 
 def _answer(settings: Settings, pipeline: str) -> dict | None:

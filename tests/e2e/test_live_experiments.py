@@ -20,7 +20,6 @@ from flywheel.clients.api import Client
 from flywheel.clients.mlflow_rest import MlflowAPI
 from flywheel.core import schema
 from flywheel.platform import deployments, supervisor
-from flywheel.serving import live
 from tests.e2e.stack_ops import (
     DEADLINE,
     HOLDOUT,
@@ -32,7 +31,15 @@ from tests.e2e.stack_ops import (
     wait_first_served,
     wait_until,
 )
-from tests.e2e.test_live_rollouts import SWAPPED, LiveTraffic, alias, deploy_runs, finished, version_tags
+from tests.e2e.test_live_rollouts import (
+    SWAPPED,
+    LiveTraffic,
+    alias,
+    deploy_runs,
+    finished,
+    new_rollout_running,
+    version_tags,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -140,13 +147,7 @@ def test_a_shadow_candidate_that_fails_every_request_is_aborted_without_one_clie
         with LiveTraffic(stack_settings, PIPELINE) as traffic:
             put(stack_settings, f"{PIPELINE}/honest.csv", csv_bytes(TRAINING[7:] + TRAINING[:7]))
             state = wait_until(
-                lambda: (
-                    (s := live.load(stack_settings, PIPELINE))
-                    and s.status == live.RUNNING
-                    and s.version != production
-                    and deployments.candidate(stack_settings, PIPELINE)  # written just after the state
-                    and s
-                ),
+                new_rollout_running(stack_settings, production, PIPELINE),
                 DEADLINE,
                 "the shadow rollout running",
                 interval=0.5,

@@ -149,6 +149,18 @@ class LiveTraffic:
             return Counter((a["version"], a["role"]) for a in self.answers.values() if a["at"] >= since)
 
 
+def new_rollout_running(settings: Settings, production: str, pipeline: str = PIPELINE):
+    """A condition: the rollout of a version other than `production` is running, its candidate recorded."""
+
+    def running() -> live.State | None:
+        state = live.load(settings, pipeline)
+        if state and state.status == live.RUNNING and state.version != production:
+            return state if deployments.candidate(settings, pipeline) else None  # written just after the state
+        return None
+
+    return running
+
+
 def deploy_runs(api, pipeline: str = PIPELINE) -> set[str]:
     """The ids of the pipeline's deploy runs so far."""
     return {r["dag_run_id"] for r in api.dag_runs(f"deploy_{pipeline}")}
@@ -322,16 +334,7 @@ def test_a_slow_challenger_is_rolled_back_by_the_p99_guardrail(stack_settings, c
         with LiveTraffic(stack_settings, PIPELINE) as traffic:
             put(stack_settings, f"{PIPELINE}/slow.csv", csv_bytes(TRAINING[13:] + TRAINING[:13]))
             state = wait_until(
-                lambda: (
-                    (s := live.load(stack_settings, PIPELINE))
-                    and s.status == live.RUNNING
-                    and s.version != production
-                    and deployments.candidate(stack_settings, PIPELINE)  # written just after the state
-                    and s
-                ),
-                DEADLINE,
-                "the canary running",
-                interval=0.2,
+                new_rollout_running(stack_settings, production), DEADLINE, "the canary running", interval=0.2
             )
             replicas = deployments.candidate(stack_settings, PIPELINE).deployment.programs
             pids = set()
