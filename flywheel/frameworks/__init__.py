@@ -42,6 +42,9 @@ class Framework:
     service: ClassVar[tuple[str, str]]
     # What a served copy imports; listed in the bentofile for a later `bentoml containerize`.
     packages: ClassVar[tuple[str, ...]] = ()
+    # Modules the ML environment has and a served copy never uses, kept out of each replica
+    # (serving/replica.py) where a library would import them only because they are there.
+    unserved_modules: ClassVar[tuple[str, ...]] = ()
 
     @property
     def formats(self) -> tuple[str, ...]:

@@ -46,6 +46,10 @@ class XGBoost(Framework):
     params = PARAMS
     service = ("table_service.py", "TablePredictor")
     packages = ("bentoml", "xgboost-cpu", "numpy", "pydantic")
+    # XGBoost imports scikit-learn whenever it can, for its sklearn wrapper (xgboost/compat.py), and with
+    # it SciPy's statistics: about half of a replica's start (docs/measurements.md), for a Booster that
+    # never calls them.
+    unserved_modules = ("sklearn",)
 
     def booster_params(self, pipeline: Any, num_classes: int) -> tuple[dict, int]:
         params = {k: v for k, v in pipeline.params.items() if k != "num_boost_round"}

@@ -3,11 +3,11 @@
 supervisord stops a program's whole process group, but only when it stops the program itself.
 After a `kill -9` the program's children live on, holding ports and serving traffic nobody watches:
 Airflow's log and health servers and LocalExecutor workers (the scheduler's process group), a task
-process (a group of its own), a Bento's worker (circus gives it a session of its own).
+process (a group of its own), anything that starts a session of its own.
 
 So the reaper finds them by two marks that survive all of that:
 - the session: supervisord starts one when it daemonizes, and every program and child is in it
-  unless it calls setsid (circus does);
+  unless it calls setsid;
 - the environment: supervisord gives every program SUPERVISOR_SERVER_URL, which names its control
   socket (one per state folder) and is inherited by everything the program starts (setproctitle
   may overwrite a process's own copy, but such processes stay in the session).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -276,3 +277,36 @@ def test_the_port_refuses_connections_until_the_service_is_ready(registry, built
         stop(proc)
     assert refused > 0  # it was starting, and said so by refusing
     assert first_line == b"HTTP/1.1 200 OK", first_line
+
+
+def test_a_replica_is_the_worker_itself_without_modules_its_framework_never_serves_with(built, registry, tmp_path):
+    """No arbiter process between supervisord and the worker (serving/replica.py), and an XGBoost Bento's
+    replica has not loaded scikit-learn, which XGBoost imports only where it is installed (as in the ML
+    environment). Read from the process itself: its children and the files it has mapped."""
+    from bento_server import free_port, launch, stop
+
+    port = free_port()
+    proc = launch(built["bento_tag"], registry["env"], tmp_path / "serve.log", port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not _ready(client):
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.1)
+            answer = _predict(client, {"inputs": [row for row, _ in KNOWN]})
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        mapped = {line.split()[-1] for line in Path(f"/proc/{proc.pid}/maps").read_text().splitlines()}
+    finally:
+        stop(proc)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"] == [species for _, species in KNOWN]
+    assert children == []
+    assert any("/xgboost/" in path for path in mapped)  # the model's library is loaded, in this process
+    assert not [path for path in mapped if "/sklearn/" in path]
+
+
+def _ready(client: httpx.Client) -> bool:
+    try:
+        return client.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False

@@ -20,7 +20,7 @@ TABLE = procs(
     Proc(101, 100, 100, False, URL),  # a program
     Proc(102, 101, 100, False, None),  # its child, environment overwritten by setproctitle
     Proc(103, 1, 100, False, None),  # the child of a killed program: still in the session
-    Proc(104, 1, 104, False, URL),  # a Bento worker, its own session, its arbiter killed
+    Proc(104, 1, 104, False, URL),  # a process in a session of its own, its parent killed
     Proc(105, 1, 5, False, "unix:///other/supervisor.sock"),  # another stack's
     Proc(106, 1, 100, True, URL),  # a zombie holds nothing
     Proc(107, 1, 7, False, None),  # unrelated
