@@ -1,9 +1,12 @@
 """Benchmark: upload -> new version answering /predict, on the running embedded stack.
 
 Run `make up` first, then `.venv/platform/bin/python bench/upload_to_serving.py [--runs 3]`.
-Interleaves uploads in three set-ups: `warm` (as the stack runs: steps forked by the step server,
-MinIO's event sent at once), `queued` (warm, but MinIO's event only through its queue dir, replayed
-every 3 s: the platform before its second webhook target) and `cold` (the step server stopped).
+Interleaves uploads in set-ups: `warm` (as the stack runs: steps forked by the step server, MinIO's
+event sent at once, the scheduler acting on a commit at once), `plain` (warm, but the scheduler as
+Airflow ships it: a change waits for its next loop, and each task imports its code itself;
+flywheel/orchestration/sqlite_scheduler.py and airflow_main.py),
+`queued` (warm, but MinIO's event only through its queue dir, replayed every 3 s: the platform before
+its second webhook target) and `cold` (the step server stopped).
 Prints each run's seconds, the waterfall's median per hop for each (`flywheel lineage --timings`:
 the services' own records), the idle stack's CPU before each upload, and the stack's memory (PSS,
 shared pages counted once).
@@ -23,7 +26,7 @@ from flywheel.core.settings import Settings
 from flywheel.core.waiting import wait_until
 from flywheel.operations import timings
 from flywheel.orchestration import stepserver
-from flywheel.platform import provision, supervisor
+from flywheel.platform import provision, stack, supervisor, topology
 from flywheel.platform.topology import WEBHOOK_ID, WEBHOOK_IDS
 from flywheel.training import samples
 
@@ -98,7 +101,25 @@ def set_step_server(settings: Settings, warm: bool) -> None:
         rpc.stopProcess("step-server", True)
 
 
+PLAIN = "\n[flywheel]\nquick_scheduler = False\n"
+
+
+def set_scheduler(settings: Settings, at_once: bool) -> None:
+    """The scheduler with or without Flywheel's changes: airflow.cfg says, read at its restart."""
+    cfg = settings.airflow_home / "airflow.cfg"
+    text = cfg.read_text()
+    if at_once == (PLAIN not in text):
+        return
+    cfg.write_text(text.replace(PLAIN, "") if at_once else text + PLAIN)
+    rpc = supervisor.rpc(settings)
+    rpc.stopProcess("airflow-scheduler", True)
+    rpc.startProcess("airflow-scheduler", True)
+    health = {svc.name: svc.health for svc in topology.services(settings)}["airflow-scheduler"]
+    stack.wait_healthy(health, 60, "airflow-scheduler")
+
+
 def set_variant(settings: Settings, variant: str) -> None:
+    set_scheduler(settings, variant != "plain")
     set_step_server(settings, variant != "cold")
     provision.notifications(settings, (WEBHOOK_ID,) if variant == "queued" else WEBHOOK_IDS)
 
@@ -106,7 +127,7 @@ def set_variant(settings: Settings, variant: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3, help="uploads per variant")
-    parser.add_argument("--variants", default="warm,queued,cold", help="set-ups to interleave (see above)")
+    parser.add_argument("--variants", default="warm,plain", help="set-ups to interleave: warm, plain, queued, cold")
     args = parser.parse_args()
     settings = Settings.load()
     variants = [v for v in args.variants.split(",") if v]

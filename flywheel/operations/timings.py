@@ -21,6 +21,7 @@ from flywheel.platform import deployments
 
 TRAIN_TASKS = ("plan", "validate", "train", "publish")
 DEPLOY_TASKS = ("build", "rollout")
+ROLLOUT = "rollout"  # detailed by the deployment's own record (platform/deployments.py)
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,11 @@ def _first_event(airflow: AirflowAPI, uri: str, match, after: float) -> dict | N
     return min(found, key=lambda e: e["timestamp"]) if found else None
 
 
-def _run_hops(airflow: AirflowAPI, dag_id: str, run_id: str, tasks: tuple[str, ...], t0: float, since: float):
-    """The run's queue, and each task's queue and run, as Airflow recorded them."""
+def _run_hops(
+    airflow: AirflowAPI, dag_id: str, run_id: str, tasks: tuple[str, ...], t0: float, since: float, detailed=()
+):
+    """The run's queue, and each task's queue and run, as Airflow recorded them; of a task in `detailed`
+    only its wait (the rollout's own record details the rest, and it drains on after the first answer)."""
     hops = []
     try:
         run = airflow.get(f"/dags/{dag_id}/dagRuns/{run_id}")
@@ -69,10 +73,12 @@ def _run_hops(airflow: AirflowAPI, dag_id: str, run_id: str, tasks: tuple[str, .
         if not ti:
             continue
         start, end = _t(ti.get("start_date")), _t(ti.get("end_date"))
-        if start is None or end is None:
+        if start is None or (end is None and task not in detailed):
             continue
         if start > since:
             hops.append(Hop(f"{task} waits (queued, a worker starts)", since - t0, start - t0))
+        if task in detailed:
+            return hops, start
         hops.append(Hop(task, start - t0, end - t0))
         since = end
     return hops, since
@@ -108,7 +114,7 @@ def waterfall(settings: Settings, pipeline: str, version: str | None = None) -> 
             lambda x: x.get("version_id") == upload.version_id,
             t0,
         )
-        at = t0
+        at = t0  # where the last hop ended
         if event:
             at = _t(event["timestamp"])
             hops.append(Hop("upload -> asset event (MinIO, bridge)", 0.0, at - t0))
@@ -121,7 +127,9 @@ def waterfall(settings: Settings, pipeline: str, version: str | None = None) -> 
             created = [r.get("run_id") for r in produced.get("created_dagruns") or []]
             produced_at = _t(produced["timestamp"])
             if created:
-                deploy_hops, at = _run_hops(airflow, f"deploy_{pipeline}", created[0], DEPLOY_TASKS, t0, produced_at)
+                deploy_hops, at = _run_hops(
+                    airflow, f"deploy_{pipeline}", created[0], DEPLOY_TASKS, t0, produced_at, detailed=(ROLLOUT,)
+                )
                 hops += deploy_hops
     served = deployments.current(settings, pipeline)
     candidate = deployments.candidate(settings, pipeline)
@@ -135,6 +143,8 @@ def waterfall(settings: Settings, pipeline: str, version: str | None = None) -> 
         steps += [(f"replica {i} smoke replay", f"smoked_{i}") for i in range(len(deployment.ports))]
         steps = sorted(((name, t[key]) for name, key in steps if key in t), key=lambda s: s[1])
         previous = t.get("started")
+        if previous and previous > at:  # the rollout task, from its start to its replicas' start
+            hops.append(Hop("rollout starts the replicas", at - t0, previous - t0))
         for name, when in steps[1:]:
             hops.append(Hop(name, previous - t0, when - t0))
             previous = when

@@ -21,6 +21,11 @@ the rollout decided and failed the run while the first attempt was still settlin
 such a stale report before the scheduler reads it: a SUCCESS for the same try of a task instance
 that is QUEUED or RUNNING with `next_method` set, which only a resumed deferral has.
 
+Two changes make the scheduler quicker to act, not fixes: on SQLite (embedded mode) it wakes when
+another process commits, instead of at its next idle tick (flywheel/orchestration/sqlite_scheduler.py),
+and it imports what each task would import for itself before the LocalExecutor forks them
+(`preload_for_tasks`).
+
     python -m flywheel.orchestration.airflow_main scheduler --skip-serve-logs
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime
+from pathlib import Path
 
 from pydantic import AwareDatetime, BaseModel
 from pydantic.fields import FieldInfo
@@ -117,10 +123,38 @@ def apply_scheduler() -> None:
     SchedulerJobRunner.process_executor_events = classmethod(process_executor_events)
 
 
+def preload_for_tasks() -> list[str]:
+    """Import here what every task process would import for itself: Flywheel's task code, and what a
+    first parse of each DAG file imports (the task decorator, the framework plugins). The LocalExecutor
+    forks its workers from the scheduler and each task from a worker, so a task starts with them
+    loaded: 0.2 s of task code and 0.15 s of the first parse, before every task. Returns what failed
+    (a broken DAG file fails its tasks as it would have; nothing here stops the scheduler)."""
+    import logging
+    import runpy
+
+    from airflow.configuration import conf
+
+    import flywheel.orchestration.tasks  # noqa: F401
+
+    failed = []
+    for path in sorted(Path(conf.get("core", "dags_folder")).glob("*.py")):
+        try:
+            runpy.run_path(str(path), run_name=f"preload_{path.stem}")
+        except Exception:
+            logging.getLogger(__name__).warning("preloading for tasks: %s failed", path, exc_info=True)
+            failed.append(str(path))
+    return failed
+
+
 if __name__ == "__main__":
     from airflow.__main__ import main
 
     if sys.argv[1:2] == ["scheduler"]:
+        from flywheel.orchestration import sqlite_scheduler
+
         apply_scheduler()
+        if sqlite_scheduler.quick_scheduler():  # `[flywheel] quick_scheduler = False`: as Airflow ships it
+            sqlite_scheduler.apply()  # embedded mode: a change is acted on at once (its docstring)
+            preload_for_tasks()
     sys.argv[0] = "airflow"
     sys.exit(main())

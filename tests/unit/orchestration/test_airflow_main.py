@@ -100,3 +100,30 @@ def test_the_scheduler_runs_with_the_fix_and_airflow_still_needs_it():
         assert SchedulerJobRunner.process_executor_events.__wrapped__ is original.__func__
     finally:
         SchedulerJobRunner.process_executor_events = classmethod(original.__func__)
+
+
+# --- the scheduler's preload for the tasks it forks -----------------------------------------------------
+
+PRELOAD = """
+import sys
+from flywheel.orchestration import airflow_main
+failed = airflow_main.preload_for_tasks()
+print(failed)
+print(all(m in sys.modules for m in ("flywheel.orchestration.tasks", "airflow.sdk.definitions.decorators")))
+"""
+
+
+def test_the_scheduler_preloads_what_tasks_import_and_a_broken_dag_file_does_not_stop_it(tmp_path):
+    import os
+    import shutil
+    from pathlib import Path
+
+    dags = tmp_path / "dags"
+    shutil.copytree(Path(__file__).resolve().parents[3] / "dags", dags)
+    (dags / "broken.py").write_text("raise RuntimeError('a DAG file with a bug')\n")
+    env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(dags)}
+    done = subprocess.run(
+        [sys.executable, "-c", PRELOAD], capture_output=True, text=True, timeout=120, check=False, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().split("\n")[-2:] == [str([str(dags / "broken.py")]), "True"], done.stdout
