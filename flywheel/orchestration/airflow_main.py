@@ -21,10 +21,10 @@ the rollout decided and failed the run while the first attempt was still settlin
 such a stale report before the scheduler reads it: a SUCCESS for the same try of a task instance
 that is QUEUED or RUNNING with `next_method` set, which only a resumed deferral has.
 
-Two changes make the scheduler quicker to act, not fixes: on SQLite (embedded mode) it wakes when
-another process commits, instead of at its next idle tick (flywheel/orchestration/sqlite_scheduler.py),
-and it imports what each task would import for itself before the LocalExecutor forks them
-(`preload_for_tasks`).
+Three changes make the scheduler quicker to act, not fixes: on SQLite (embedded mode) it wakes when
+another process commits, instead of at its next idle tick (flywheel/orchestration/sqlite_scheduler.py);
+its workers' task supervisors hear a task's exit at once (flywheel/orchestration/task_exit.py); and it
+imports what each task would import for itself before the LocalExecutor forks them (`preload_for_tasks`).
 
     python -m flywheel.orchestration.airflow_main scheduler --skip-serve-logs
 """
@@ -150,11 +150,12 @@ if __name__ == "__main__":
     from airflow.__main__ import main
 
     if sys.argv[1:2] == ["scheduler"]:
-        from flywheel.orchestration import sqlite_scheduler
+        from flywheel.orchestration import sqlite_scheduler, task_exit
 
         apply_scheduler()
         if sqlite_scheduler.quick_scheduler():  # `[flywheel] quick_scheduler = False`: as Airflow ships it
             sqlite_scheduler.apply()  # embedded mode: a change is acted on at once (its docstring)
+            task_exit.apply()  # a worker is free as soon as its task process has exited
             preload_for_tasks()
     sys.argv[0] = "airflow"
     sys.exit(main())
