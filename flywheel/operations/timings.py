@@ -98,7 +98,7 @@ def waterfall(settings: Settings, pipeline: str, version: str | None = None) -> 
             raise LineageError(f"{pipeline} v{version} names no upload")
         if upload.event_time:  # from MinIO's listing, to the millisecond
             t0 = schema.parse_time(upload.event_time).timestamp()
-        else:  # an HTTP Last-Modified: to the second, up to 1 s early
+        else:  # an HTTP Last-Modified: to the second, up to 1 s early (the asset event refines it below)
             try:
                 stat = objectstore.client(settings).stat_object(
                     upload.bucket, upload.key, version_id=upload.version_id or None
@@ -114,6 +114,10 @@ def waterfall(settings: Settings, pipeline: str, version: str | None = None) -> 
             lambda x: x.get("version_id") == upload.version_id,
             t0,
         )
+        if event and (event.get("extra") or {}).get("event_time"):
+            # MinIO's own time of the upload, in its notification, to the millisecond: the version's
+            # tags carry none, and Last-Modified, to the second, made every hop look up to 1 s longer.
+            t0 = schema.parse_time(event["extra"]["event_time"]).timestamp()
         at = t0  # where the last hop ended
         if event:
             at = _t(event["timestamp"])
