@@ -84,6 +84,7 @@ test-unit: install
 # Every benchmark, on the running stack (`make up` first); figures in docs/measurements.md.
 bench: install
 	$(PLATFORM)/bin/python bench/upload_to_serving.py --runs 3
+	$(PLATFORM)/bin/python bench/replica_start.py
 	$(PLATFORM)/bin/python bench/bento_tuning.py
 	$(PLATFORM)/bin/python bench/serving.py
 	$(PLATFORM)/bin/python bench/slow_clients.py

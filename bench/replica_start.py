@@ -6,7 +6,8 @@ loads the service, then spawns the worker that loads it again) and as `flywheel/
 (BentoML's worker in one process, without the modules the framework never serves with), each pinned
 to one core as the platform pins a replica, in a BENTOML_HOME of its own that links the stack's stores.
 Prints the seconds from the start to `/readyz` answering 200 and to the first `/predict` answer,
-medians with their range.
+then what each serves once started (wrk, one row a request, 8 connections, pinned to the other
+core): medians with their range.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from flywheel.clients import load
 from flywheel.core.settings import Settings
 from flywheel.platform import deployments
 
@@ -46,8 +48,11 @@ def commands(settings: Settings, bento: str, port: int) -> dict[str, list[str]]:
     }
 
 
-def start_once(command: list[str], env: dict, log: Path, port: int, core: int) -> tuple[float, float]:
-    """Seconds from the spawn to /readyz 200, and to the first /predict answer; the server is stopped after."""
+def start_once(
+    command: list[str], env: dict, log: Path, port: int, core: int, load_seconds: float
+) -> tuple[float, float, dict]:
+    """Seconds from the spawn to /readyz 200 and to the first /predict answer, then wrk's figures for
+    `load_seconds`; the server is stopped after."""
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     with log.open("wb") as out:
@@ -67,7 +72,9 @@ def start_once(command: list[str], env: dict, log: Path, port: int, core: int) -
             ready = time.monotonic() - started
             answer = client.post("/predict", json={"inputs": [ROW]})
             answer.raise_for_status()
-            return ready, time.monotonic() - started
+            answered = time.monotonic() - started
+        served = load.run(f"{url}/predict", {"inputs": [ROW]}, 8, load_seconds, cpu=1 - core)
+        return ready, answered, served
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
@@ -77,7 +84,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5, help="starts per launcher")
     parser.add_argument("--pipeline", default="iris")
-    parser.add_argument("--core", type=int, default=1, help="the core each start is pinned to")
+    parser.add_argument("--core", type=int, default=1, choices=(0, 1), help="the core each replica is pinned to")
+    parser.add_argument("--load-seconds", type=float, default=5, help="wrk's run against each started replica")
     args = parser.parse_args()
     settings = Settings.load()
     live = deployments.current(settings, args.pipeline)
@@ -98,11 +106,20 @@ def main() -> None:
         for i in range(args.runs):
             port = free_port()
             for name, command in commands(settings, live.bento_tag, port).items():
-                ready, answered = start_once(command, env, home / "serve.log", port, args.core)
-                results.setdefault(name, {"ready": [], "answered": []})
+                ready, answered, served = start_once(
+                    command, env, home / "serve.log", port, args.core, args.load_seconds
+                )
+                results.setdefault(name, {"ready": [], "answered": [], "rps": [], "p99_ms": [], "failed": []})
                 results[name]["ready"].append(ready)
                 results[name]["answered"].append(answered)
-                print(f"run {i + 1} {name}: ready {ready:.2f}s, first answer {answered:.2f}s", flush=True)
+                results[name]["rps"].append(served["rps"])
+                results[name]["p99_ms"].append(served["p99_us"] / 1000)
+                results[name]["failed"].append(served["failed"])
+                print(
+                    f"run {i + 1} {name}: ready {ready:.2f}s, first answer {answered:.2f}s, "
+                    f"{served['rps']:.0f} req/s, p99 {served['p99_us'] / 1000:.1f} ms, {served['failed']} failed",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -110,9 +127,13 @@ def main() -> None:
         return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
     print(f"\n{live.bento_tag}, {args.runs} starts each, pinned to core {args.core}, interleaved")
-    print("| launcher | start -> /readyz 200, s | start -> first answer, s |\n|---|---|---|")
-    for name, figures in results.items():
-        print(f"| {name} | {cell(figures['ready'])} | {cell(figures['answered'])} |")
+    print("| launcher | start -> /readyz 200, s | start -> first answer, s | req/s, c=8 | p99 ms | failed |")
+    print("|---|---|---|---|---|---|")
+    for name, f in results.items():
+        print(
+            f"| {name} | {cell(f['ready'])} | {cell(f['answered'])} | {cell(f['rps'])} | {cell(f['p99_ms'])} "
+            f"| {sum(f['failed'])} |"
+        )
     medians = {name: statistics.median(f["ready"]) for name, f in results.items()}
     print(json.dumps({"ready_median_s": medians, "ratio": round(medians["replica.py"] / medians["bentoml serve"], 2)}))
 
