@@ -122,13 +122,13 @@ def millisecond_now() -> None:
 
 
 def apply() -> bool:
-    """Both changes, in this (the scheduler's) process, where Airflow's database is SQLite and
-    `[flywheel] quick_scheduler` is not False (bench/upload_to_serving.py compares); says whether."""
+    """Both changes, in this (the scheduler's) process, where Airflow's database is SQLite; says whether.
+    airflow_main calls it unless `[flywheel] quick_scheduler` is False (`quick_scheduler`)."""
     from airflow.configuration import conf
     from airflow.jobs import scheduler_job_runner
 
     database = sqlite_database(conf.get("database", "sql_alchemy_conn"))
-    if database is None or not quick_scheduler():
+    if database is None:
         return False
     millisecond_now()
     scheduler_job_runner.time = _Clock(DatabaseWrites(database).sleep)
